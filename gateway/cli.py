@@ -1,0 +1,108 @@
+"""The ``infergate`` command line.
+
+Every command prints a readable result by default; failures print one line and exit non-zero
+(2 for a bad config or bad arguments, 1 for everything else), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="infergate: a Triton-compatible gRPC model gateway.")
+
+EXIT_CONFIG = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(config_path: Optional[Path]) -> GatewayConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        typer.echo(f"infergate: config error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+@app.command()
+def serve(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file (see README)."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    _setup_logging(log_level)
+    gateway_config = _load(config)
+    workers = gateway_config.server.workers
+    if workers == 1:
+        raise typer.Exit(_run_replica(gateway_config))
+    # Several processes share the port through SO_REUSEPORT; each is a full replica.
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_main, args=(str(config), log_level), daemon=False) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    import signal
+
+    def forward(signum, _frame):
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.join()
+    raise typer.Exit(max((p.exitcode or 0) for p in processes))
+
+
+def _worker_main(config_path: str, log_level: str) -> None:
+    _setup_logging(log_level)
+    sys.exit(_run_replica(load_config(config_path)))
+
+
+def _run_replica(config: GatewayConfig) -> int:
+    from gateway.server import serve as serve_forever
+
+    return asyncio.run(serve_forever(config))
+
+
+@app.command()
+def demo(
+    redis_url: str = typer.Option("", help="Use this Redis instead of starting a local redis-server."),
+    serve_after: bool = typer.Option(False, "--serve", help="Keep the gateway running after the sample calls."),
+    port: int = typer.Option(0, help="Port for the gateway (0 picks a free one)."),
+) -> None:
+    """Start a gateway on a bundled ONNX model, make sample calls with tritonclient, print the answers."""
+    _setup_logging("warning")
+    from gateway.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(redis_url=redis_url, serve_after=serve_after, port=port)))
+
+
+@app.command("check-config")
+def check_config(config: Path = typer.Argument(..., help="YAML config file.")) -> None:
+    """Validate a config file and exit (0 when it is good, 2 with the problem when not)."""
+    gateway_config = _load(config)
+    typer.echo(f"ok: {len(gateway_config.models)} model(s), {len(gateway_config.backends)} backend(s)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Conversion between the inference protobuf messages and the gateway's domain values.
+
+Paired functions per message: ``decode_infer_request`` validates a ModelInferRequest against the
+model's signature and yields numpy arrays (zero-copy ``np.frombuffer`` over raw contents);
+``encode_infer_response`` builds the answer with ``raw_output_contents`` only, since tritonclient
+decodes nothing else. Every problem with a request is an ``InvalidArgument`` raised before any
+backend work, and nothing here allocates memory from a size the caller claims before checking it
+against bytes the caller actually sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backends.base import ModelSignature, TensorSpec
+from backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
+from gateway._proto.inference import grpc_service_pb2 as pb
+from gateway._proto.inference import model_config_pb2 as mc
+from gateway.errors import InvalidArgument
+
+RESERVED_PARAMETER_PREFIXES = ("triton_", "infergate_")
+"""Request parameter names starting with these belong to Triton or the gateway, not callers."""
+RESERVED_PARAMETERS = frozenset({"variant"})
+"""``variant`` is set by the gateway on responses; a caller pins with x-infergate-variant."""
+UNSUPPORTED_PARAMETERS = {
+    "sequence_id": "sequence batching is not supported by the gateway",
+    "sequence_start": "sequence batching is not supported by the gateway",
+    "sequence_end": "sequence batching is not supported by the gateway",
+}
+UNSUPPORTED_TENSOR_PARAMETERS = {
+    "shared_memory_region": "shared memory is not supported by the gateway",
+    "shared_memory_byte_size": "shared memory is not supported by the gateway",
+    "shared_memory_offset": "shared memory is not supported by the gateway",
+}
+
+# Which typed-contents field carries each datatype (Triton's rules; FP16 travels raw only).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_ALL_CONTENTS_FIELDS = frozenset(_CONTENTS_FIELD.values())
+
+_CONFIG_DATATYPES = {name: mc.DataType.Value(f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in NUMPY_DTYPES}
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """A validated inference request."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    """Requested output names (all of the model's outputs when the caller asked for none)."""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    rows: int = 0
+    """Rows along the batch dimension (0 when the model is not batched)."""
+
+
+def parameter_value(param: pb.InferParameter) -> Any:
+    """The Python value of an InferParameter oneof (None when unset)."""
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else None
+
+
+def decode_infer_request(
+    request: pb.ModelInferRequest,
+    signature: ModelSignature,
+    max_batch_size: int = 0,
+) -> DecodedRequest:
+    """Validate ``request`` against ``signature`` and return its tensors; raise InvalidArgument.
+
+    ``max_batch_size`` (when > 0) bounds the rows one request may carry.
+    """
+    parameters = _decode_parameters(request.parameters)
+    use_raw = len(request.raw_input_contents) > 0
+    if use_raw and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs"
+        )
+    seen: set[str] = set()
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in seen:
+            raise InvalidArgument(f"input {tensor.name!r} appears more than once")
+        seen.add(tensor.name)
+        spec = signature.input(tensor.name)
+        if spec is None:
+            expected = [s.name for s in signature.inputs]
+            raise InvalidArgument(f"unexpected input {tensor.name!r}; the model takes {expected}")
+        for name in tensor.parameters:
+            if name in UNSUPPORTED_TENSOR_PARAMETERS:
+                raise InvalidArgument(f"input {tensor.name!r}: {UNSUPPORTED_TENSOR_PARAMETERS[name]}")
+        shape = _check_shape(tensor, spec, signature.batched)
+        has_typed = any(tensor.contents.HasField(f) for f in _ALL_CONTENTS_FIELDS) if tensor.HasField("contents") else False
+        if use_raw and has_typed:
+            raise InvalidArgument(f"input {tensor.name!r}: both raw_input_contents and typed contents are set")
+        if use_raw:
+            inputs[tensor.name] = _from_raw(tensor.name, spec.datatype, shape, request.raw_input_contents[index])
+        else:
+            inputs[tensor.name] = _from_contents(tensor, spec.datatype, shape)
+    missing = [spec.name for spec in signature.inputs if spec.name not in seen]
+    if missing:
+        raise InvalidArgument(f"missing input(s) {missing}")
+    rows = _check_rows(inputs, signature, max_batch_size)
+    outputs = _requested_outputs(request, signature)
+    return DecodedRequest(inputs=inputs, outputs=outputs, parameters=parameters, rows=rows)
+
+
+def _decode_parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    decoded = {}
+    for name, param in parameters.items():
+        if name in RESERVED_PARAMETERS or name.startswith(RESERVED_PARAMETER_PREFIXES):
+            raise InvalidArgument(f"parameter {name!r} is reserved")
+        if name in UNSUPPORTED_PARAMETERS:
+            raise InvalidArgument(f"parameter {name!r}: {UNSUPPORTED_PARAMETERS[name]}")
+        decoded[name] = parameter_value(param)
+    return decoded
+
+
+def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, batched: bool) -> tuple[int, ...]:
+    if tensor.datatype != spec.datatype:
+        raise InvalidArgument(f"input {tensor.name!r}: datatype {tensor.datatype or '(empty)'}, expected {spec.datatype}")
+    shape = tuple(tensor.shape)
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"input {tensor.name!r}: negative dimension in shape {list(shape)}")
+    if len(shape) != len(spec.shape) or any(want != -1 and got != want for got, want in zip(shape, spec.shape)):
+        raise InvalidArgument(f"input {tensor.name!r}: shape {list(shape)} does not match the model's {list(spec.shape)}")
+    if batched and shape and shape[0] == 0:
+        raise InvalidArgument(f"input {tensor.name!r}: batch dimension is 0")
+    return shape
+
+
+def _element_count(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim  # Python ints: an absurd shape is a big number, never an allocation
+    return count
+
+
+def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    count = _element_count(shape)
+    if datatype == "BYTES":
+        if count > len(raw) // 4:
+            raise InvalidArgument(f"input {name!r}: {len(raw)} raw bytes cannot hold {count} BYTES elements")
+        try:
+            return decode_bytes(raw, count).reshape(shape)
+        except ValueError as exc:
+            raise InvalidArgument(f"input {name!r}: {exc}") from exc
+    dtype = NUMPY_DTYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"input {name!r}: {len(raw)} raw bytes, expected {expected} for shape {list(shape)} of {datatype}"
+        )
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    field_name = _CONTENTS_FIELD.get(datatype)
+    if field_name is None:
+        raise InvalidArgument(f"input {tensor.name!r}: {datatype} must be sent in raw_input_contents")
+    wrong = [f for f in _ALL_CONTENTS_FIELDS if f != field_name and tensor.contents.HasField(f)] if tensor.HasField("contents") else []
+    if wrong:
+        raise InvalidArgument(f"input {tensor.name!r}: {datatype} data belongs in {field_name}, not {wrong[0]}")
+    values = getattr(tensor.contents, field_name)
+    count = _element_count(shape)
+    if len(values) != count:
+        raise InvalidArgument(f"input {tensor.name!r}: {len(values)} values in {field_name}, expected {count} for shape {list(shape)}")
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(shape)
+    dtype = NUMPY_DTYPES[datatype]
+    try:
+        array = np.array(values, dtype=dtype)
+    except OverflowError as exc:
+        raise InvalidArgument(f"input {tensor.name!r}: a value does not fit {datatype}") from exc
+    if dtype.kind in "iu" and not np.array_equal(array.astype(np.int64 if dtype.kind == "i" else np.uint64), np.array(values)):
+        raise InvalidArgument(f"input {tensor.name!r}: a value does not fit {datatype}")
+    return array.reshape(shape)
+
+
+def _check_rows(inputs: Mapping[str, np.ndarray], signature: ModelSignature, max_batch_size: int) -> int:
+    if not signature.batched or not inputs:
+        return 0
+    rows = {name: array.shape[0] for name, array in inputs.items()}
+    if len(set(rows.values())) != 1:
+        raise InvalidArgument(f"inputs disagree on the batch dimension: {rows}")
+    count = next(iter(rows.values()))
+    limit = min(x for x in (max_batch_size, signature.max_batch_size) if x > 0) if (max_batch_size or signature.max_batch_size) else 0
+    if limit and count > limit:
+        raise InvalidArgument(f"batch of {count} rows is over the model's max_batch_size {limit}")
+    return count
+
+
+def _requested_outputs(request: pb.ModelInferRequest, signature: ModelSignature) -> tuple[str, ...]:
+    if not request.outputs:
+        return tuple(spec.name for spec in signature.outputs)
+    names = []
+    for output in request.outputs:
+        if signature.output(output.name) is None:
+            raise InvalidArgument(f"unknown output {output.name!r}; the model has {[s.name for s in signature.outputs]}")
+        for name in output.parameters:
+            if name in UNSUPPORTED_TENSOR_PARAMETERS:
+                raise InvalidArgument(f"output {output.name!r}: {UNSUPPORTED_TENSOR_PARAMETERS[name]}")
+            if name == "classification":
+                raise InvalidArgument(f"output {output.name!r}: classification outputs are not supported")
+        if output.name in names:
+            raise InvalidArgument(f"output {output.name!r} requested twice")
+        names.append(output.name)
+    return tuple(names)
+
+
+def encode_infer_response(
+    model: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    variant: str,
+    model_version: str = "1",
+) -> pb.ModelInferResponse:
+    """The response message: outputs in ``raw_output_contents``, ``parameters["variant"]`` set."""
+    response = pb.ModelInferResponse(model_name=model, model_version=model_version, id=request_id)
+    response.parameters["variant"].string_param = variant
+    for name, array in outputs.items():
+        datatype = triton_datatype(array.dtype)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(_to_raw(array, datatype))
+    return response
+
+
+def _to_raw(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return encode_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array).tobytes()
+
+
+def encode_model_metadata(model: str, signature: ModelSignature) -> pb.ModelMetadataResponse:
+    """The gateway's view of a model: the caller's model name, the signature it validates against."""
+    return pb.ModelMetadataResponse(
+        name=model,
+        versions=["1"],
+        platform=signature.platform or "infergate",
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in signature.inputs],
+        outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in signature.outputs],
+    )
+
+
+def encode_model_config(
+    model: str,
+    signature: ModelSignature,
+    max_batch_size: int,
+    max_delay_us: int | None,
+    preferred_batch_sizes: Sequence[int] = (),
+) -> pb.ModelConfigResponse:
+    """A Triton-style ModelConfig of the gateway's view (dims exclude the batch dimension)."""
+    config = mc.ModelConfig(name=model, platform=signature.platform or "infergate", backend="infergate")
+    config.max_batch_size = max_batch_size if signature.batched else 0
+    skip = 1 if signature.batched else 0
+    for spec in signature.inputs:
+        config.input.add(name=spec.name, data_type=_CONFIG_DATATYPES[spec.datatype], dims=spec.shape[skip:])
+    for spec in signature.outputs:
+        config.output.add(name=spec.name, data_type=_CONFIG_DATATYPES[spec.datatype], dims=spec.shape[skip:])
+    if max_delay_us is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = max_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
+    return pb.ModelConfigResponse(config=config)

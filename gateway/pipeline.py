@@ -1,0 +1,183 @@
+"""The serving pipeline behind the inference servicer: route, run, record.
+
+``ModelEndpoint`` is one model as callers see it (its name, its signature, its variants);
+``Variant`` is one way to serve it (a backend and a model there). ``Pipeline.infer`` picks a
+variant for a validated request, runs it and reports which variant answered. Servicers only
+convert messages and call into here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backends.base import Backend, ModelSignature
+from gateway import metrics
+from gateway.config import ModelRouteConfig
+from gateway.errors import GatewayError, Internal, NotFound
+from gateway.identity import ANONYMOUS, Identity
+from router.table import RouteTable, weighted_choice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What the gateway knows about one call besides its tensors."""
+
+    metadata: Mapping[str, str]
+    """Invocation metadata, keys lower-case (``x-infergate-variant``, ``traceparent``...)."""
+    parameters: Mapping[str, Any]
+    """Request parameters, already checked for reserved names."""
+    deadline: float
+    """Absolute, on ``time.monotonic``."""
+    identity: Identity = ANONYMOUS
+    """Who is calling (set by the auth layer)."""
+
+
+@dataclass(frozen=True)
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    variant: str
+    """The variant that actually answered (a fallback's name when one served)."""
+
+
+class Variant:
+    """One variant of a model: a backend and the model name (or file) there."""
+
+    def __init__(self, model: str, name: str, backend: Backend, target: str, fallback: str = "") -> None:
+        self.model = model
+        self.name = name
+        self.backend = backend
+        self.target = target
+        self.fallback = fallback
+        self.signature: ModelSignature | None = None
+
+    async def load(self) -> ModelSignature:
+        self.signature = await self.backend.load(self.target)
+        return self.signature
+
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        deadline: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one request on this variant's backend."""
+        started = time.perf_counter()
+        try:
+            return await self.backend.infer(self.target, inputs, outputs, deadline, headers)
+        finally:
+            metrics.BACKEND_DURATION.labels(self.backend.name).observe(time.perf_counter() - started)
+
+
+@dataclass
+class ModelEndpoint:
+    """A model as callers see it."""
+
+    name: str
+    config: ModelRouteConfig
+    variants: dict[str, Variant]
+    signature: ModelSignature
+    """The signature requests are validated against: the baseline variant's."""
+    stats: "ModelStats" = field(default_factory=lambda: ModelStats())
+
+    @property
+    def max_batch_size(self) -> int:
+        if self.config.batching is not None:
+            return self.config.batching.max_batch_size
+        return self.signature.max_batch_size
+
+
+@dataclass
+class ModelStats:
+    """Counters behind ModelStatistics (Triton's names, the gateway's view)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+
+    def record(self, ok: bool, duration_ns: int, rows: int) -> None:
+        if ok:
+            self.success_count += 1
+            self.success_ns += duration_ns
+            self.inference_count += max(rows, 1)
+            self.execution_count += 1
+        else:
+            self.fail_count += 1
+            self.fail_ns += duration_ns
+        self.last_inference_ms = int(time.time() * 1000)
+
+
+VariantChooser = Callable[[ModelEndpoint, CallContext], str]
+
+
+def choose_by_weight(routes: RouteTable) -> VariantChooser:
+    """The simplest chooser: weighted random over the route's current weights."""
+
+    def choose(endpoint: ModelEndpoint, ctx: CallContext) -> str:
+        return weighted_choice(routes.get(endpoint.name))
+
+    return choose
+
+
+class Pipeline:
+    """Routes validated calls to variants and records the outcome."""
+
+    def __init__(self, endpoints: Mapping[str, ModelEndpoint], routes: RouteTable, chooser: VariantChooser | None = None):
+        self.endpoints = dict(endpoints)
+        self.routes = routes
+        self.choose = chooser or choose_by_weight(routes)
+
+    def endpoint(self, model: str) -> ModelEndpoint:
+        endpoint = self.endpoints.get(model)
+        if endpoint is None:
+            raise NotFound(f"unknown model {model!r}")
+        return endpoint
+
+    async def infer(
+        self,
+        endpoint: ModelEndpoint,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        ctx: CallContext,
+        rows: int = 0,
+    ) -> InferResult:
+        started = time.perf_counter_ns()
+        variant_name = self.choose(endpoint, ctx)
+        code = "OK"
+        try:
+            variant = endpoint.variants[variant_name]
+            answer = await variant.infer(inputs, outputs, ctx.deadline, _forwarded_headers(ctx.metadata))
+            return InferResult(answer, variant_name)
+        except GatewayError as exc:
+            code = exc.code.name
+            raise
+        except Exception as exc:
+            code = "INTERNAL"
+            log.exception("model %s variant %s failed", endpoint.name, variant_name)
+            raise Internal("internal error while serving the request") from exc
+        finally:
+            duration = time.perf_counter_ns() - started
+            endpoint.stats.record(code == "OK", duration, rows)
+            metrics.REQUESTS.labels(endpoint.name, variant_name, code).inc()
+            if code == "OK":
+                metrics.REQUEST_DURATION.labels(endpoint.name, variant_name).observe(duration / 1e9)
+
+
+_FORWARDED = ("traceparent", "tracestate")
+
+
+def _forwarded_headers(metadata: Mapping[str, str]) -> dict[str, str] | None:
+    headers = {key: metadata[key] for key in _FORWARDED if key in metadata}
+    return headers or None

@@ -1,0 +1,229 @@
+"""The gateway process: builds everything from the config, serves, and shuts down in order.
+
+``Gateway.start`` opens backends, loads every variant, installs the routes and starts the gRPC
+server (inference, health, reflection) and the metrics endpoint. ``Gateway.stop`` is the SIGTERM
+path: health turns NOT_SERVING, new calls are refused with UNAVAILABLE, in-flight calls get
+``server.shutdown_grace_s`` to finish, then backends close. ``serve`` wires that to the signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from backends.base import Backend, ModelSignature
+from backends.onnx import OnnxBackend
+from backends.triton import TritonBackend
+from gateway import metrics
+from gateway._proto.inference import grpc_service_pb2 as pb
+from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.config import GatewayConfig, ModelRouteConfig
+from gateway.errors import GatewayError
+from gateway.pipeline import ModelEndpoint, Pipeline, Variant
+from gateway.servicer import InferenceServicer
+from router.table import Route, RouteTable
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class StartupError(Exception):
+    """The gateway cannot start with this config and these backends (exit code 1)."""
+
+
+def build_backend(name: str, config, clock: Callable[[], float] = time.monotonic) -> Backend:
+    if config.kind == "onnx":
+        return OnnxBackend(name, config, clock)
+    if config.kind == "triton":
+        return TritonBackend(name, config, clock)
+    raise StartupError(f"backends.{name}: unknown kind {config.kind!r}")
+
+
+class Gateway:
+    """One gateway replica inside one event loop."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._interceptors = list(interceptors)
+        self._clock = clock
+        self.backends: dict[str, Backend] = {}
+        self.routes = RouteTable()
+        self.pipeline: Pipeline | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._ready = False
+        self._stopped: asyncio.Event | None = None  # created in start(), inside the loop
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        """Open backends, load models, start serving. Raises StartupError with a clear message."""
+        self._stopped = asyncio.Event()
+        for name, backend_config in self.config.backends.items():
+            backend = build_backend(name, backend_config, self._clock)
+            await backend.start()
+            self.backends[name] = backend
+        endpoints = {}
+        for model_name, model_config in self.config.models.items():
+            endpoints[model_name] = await self._load_model(model_name, model_config)
+            route = Route(
+                model_name,
+                tuple(model_config.variants),
+                {name: v.weight for name, v in model_config.variants.items()},
+                revision=0,
+            )
+            self.routes.install(route)
+            for variant, weight in route.weights.items():
+                metrics.ROUTE_WEIGHT.labels(model_name, variant).set(weight)
+        self.pipeline = Pipeline(endpoints, self.routes)
+        await self._start_server()
+        if self.config.server.metrics_listen:
+            self.metrics_port = metrics.serve_metrics(self.config.server.metrics_listen)
+        self._ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _load_model(self, model_name: str, model_config: ModelRouteConfig) -> ModelEndpoint:
+        variants: dict[str, Variant] = {}
+        for name, variant_config in model_config.variants.items():
+            backend = self.backends[variant_config.backend]
+            target = str(variant_config.path) if backend.kind == "onnx" else variant_config.model
+            variant = Variant(model_name, name, backend, target, variant_config.fallback)
+            try:
+                await variant.load()
+            except GatewayError as exc:
+                raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
+            variants[name] = variant
+        baseline = variants[model_config.baseline]
+        assert baseline.signature is not None
+        for name, variant in variants.items():
+            _check_compatible(model_name, model_config.baseline, baseline.signature, name, variant.signature)
+        return ModelEndpoint(model_name, model_config, variants, baseline.signature)
+
+    async def _start_server(self) -> None:
+        limit = self.config.server.max_message_bytes
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),
+        ]
+        server = grpc.aio.server(
+            interceptors=self._interceptors,
+            options=options,
+            maximum_concurrent_rpcs=self.config.server.max_concurrent_rpcs,
+        )
+        assert self.pipeline is not None
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready), server
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        services.extend(self.extra_services(server))
+        reflection.enable_server_reflection(services, server)
+        listen = self.config.server.listen
+        tls = self.config.server.tls
+        if tls is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
+                require_client_auth=tls.client_ca_file is not None,
+            )
+            self.port = server.add_secure_port(listen, credentials)
+        else:
+            self.port = server.add_insecure_port(listen)
+        if not self.port:
+            raise StartupError(f"server.listen: cannot bind {listen}")
+        await server.start()
+        self._server = server
+
+    def extra_services(self, server: grpc.aio.Server) -> list[str]:
+        """Hook for more services on the same server; returns their full names for reflection."""
+        return []
+
+    async def _set_health(self, status) -> None:
+        if self._health is None:
+            return
+        await self._health.set("", status)
+        await self._health.set(INFERENCE_SERVICE, status)
+        if self.pipeline is not None:
+            for model in self.pipeline.endpoints:
+                await self._health.set(model, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within the grace period, close backends."""
+        grace = self.config.server.shutdown_grace_s if grace_s is None else grace_s
+        self._ready = False
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        for backend in self.backends.values():
+            try:
+                await backend.close()
+            except Exception:
+                log.exception("closing backend %s failed", backend.name)
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+
+def _check_compatible(
+    model: str, baseline: str, base: ModelSignature, name: str, other: ModelSignature | None
+) -> None:
+    """Every variant must accept what the baseline accepts, so routing cannot turn a valid call invalid."""
+    if other is None or name == baseline:
+        return
+    for spec in base.inputs:
+        theirs = other.input(spec.name)
+        if theirs is None or theirs.datatype != spec.datatype or len(theirs.shape) != len(spec.shape):
+            raise StartupError(
+                f"models.{model}.variants.{name}: input {spec.name} differs from the baseline {baseline}'s "
+                f"({theirs} vs {spec})"
+            )
+    for spec in base.outputs:
+        if other.output(spec.name) is None:
+            raise StartupError(f"models.{model}.variants.{name}: has no output {spec.name} (the baseline {baseline} has)")
+
+
+async def serve(config: GatewayConfig, gateway_factory: Callable[[GatewayConfig], Gateway] = Gateway) -> int:
+    """Run one replica until SIGTERM or SIGINT; return the process exit code."""
+    gateway = gateway_factory(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await gateway.start()
+    except StartupError as exc:
+        print(f"infergate: cannot start: {exc}", file=sys.stderr)
+        await gateway.stop(0)
+        return 1
+    print(f"infergate listening on port {gateway.port} metrics_port {gateway.metrics_port or 0}", flush=True)
+    if config.auth.mode == "none":
+        log.warning("auth.mode is none: every caller may call every model")
+    await stop_requested.wait()
+    log.info("shutting down: refusing new calls, %.1fs for in-flight ones", config.server.shutdown_grace_s)
+    await gateway.stop()
+    return 0
