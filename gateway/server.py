@@ -19,6 +19,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+# Reflection resolves the inference service through the default descriptor pool, where
+# tritonclient registers the same (wire-identical) definitions; see gateway/_proto/pool.py.
+import tritonclient.grpc  # noqa: F401,E402
+
 from backends.base import Backend, ModelSignature
 from backends.onnx import OnnxBackend
 from backends.triton import TritonBackend

@@ -1,0 +1,1 @@
+"""Real processes for the tests: Triton (nvidia-pytriton), the gateway, Redis."""
