@@ -21,6 +21,7 @@ from gateway import metrics
 from gateway.config import ModelRouteConfig
 from gateway.errors import GatewayError, Internal, NotFound
 from gateway.identity import ANONYMOUS, Identity
+from gateway.telemetry import outgoing_headers
 from router.table import RouteTable, weighted_choice
 
 log = logging.getLogger(__name__)
@@ -179,5 +180,8 @@ _FORWARDED = ("traceparent", "tracestate")
 
 
 def _forwarded_headers(metadata: Mapping[str, str]) -> dict[str, str] | None:
-    headers = {key: metadata[key] for key in _FORWARDED if key in metadata}
-    return headers or None
+    """Trace context for the backend: the gateway's own span when tracing is on, else the caller's."""
+    headers = outgoing_headers()
+    if headers is None:
+        headers = {key: metadata[key] for key in _FORWARDED if key in metadata} or None
+    return headers

@@ -33,6 +33,7 @@ from gateway.config import GatewayConfig, ModelRouteConfig
 from gateway.errors import GatewayError
 from gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from gateway.servicer import InferenceServicer
+from gateway.telemetry import Tracing
 from router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._ready = False
+        self.tracing = Tracing(config.telemetry)
         self._stopped: asyncio.Event | None = None  # created in start(), inside the loop
 
     @property
@@ -81,6 +83,7 @@ class Gateway:
     async def start(self) -> None:
         """Open backends, load models, start serving. Raises StartupError with a clear message."""
         self._stopped = asyncio.Event()
+        self.tracing.start()
         for name, backend_config in self.config.backends.items():
             backend = build_backend(name, backend_config, self._clock)
             await backend.start()
@@ -135,7 +138,10 @@ class Gateway:
         )
         assert self.pipeline is not None
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready), server
+            InferenceServicer(
+                self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing
+            ),
+            server,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -180,6 +186,7 @@ class Gateway:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        self.tracing.shutdown()
         for backend in self.backends.values():
             try:
                 await backend.close()

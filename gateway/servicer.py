@@ -25,7 +25,9 @@ from gateway.converters import (
     encode_model_metadata,
 )
 from gateway.errors import DeadlineExceeded, GatewayError, Internal, NotFound, Unimplemented
+from gateway.config import TelemetryConfig
 from gateway.identity import current_identity
+from gateway.telemetry import Tracing, mark_error
 from gateway.pipeline import CallContext, ModelEndpoint, Pipeline
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,15 @@ def call_context(
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, pipeline: Pipeline, default_deadline_ms: int, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        default_deadline_ms: int,
+        is_ready: Callable[[], bool],
+        tracing: Tracing | None = None,
+    ) -> None:
         self._pipeline = pipeline
+        self._tracing = tracing or Tracing(TelemetryConfig())
         self._default_deadline_s = default_deadline_ms / 1000
         self._is_ready = is_ready
 
@@ -186,11 +195,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.gather(reader, *tasks, return_exceptions=True)
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        endpoint = self._endpoint(request.model_name, request.model_version)
-        decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
-        ctx = call_context(context, decoded.parameters, self._default_deadline_s)
-        result = await self._pipeline.infer(endpoint, decoded.inputs, decoded.outputs, ctx, decoded.rows)
-        return encode_infer_response(endpoint.name, request.id, result.outputs, result.variant)
+        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+        with self._tracing.server_span("infergate/ModelInfer", metadata, {"infergate.model": request.model_name}) as span:
+            try:
+                endpoint = self._endpoint(request.model_name, request.model_version)
+                decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
+                ctx = call_context(context, decoded.parameters, self._default_deadline_s)
+                result = await self._pipeline.infer(endpoint, decoded.inputs, decoded.outputs, ctx, decoded.rows)
+            except GatewayError as exc:
+                mark_error(span, exc.code.name, exc.message)
+                raise
+            if span.is_recording():
+                span.set_attribute("infergate.variant", result.variant)
+            return encode_infer_response(endpoint.name, request.id, result.outputs, result.variant)
 
     # -- everything Triton has that a gateway does not offer -------------------------------------
 
