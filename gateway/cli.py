@@ -100,6 +100,12 @@ def check_config(config: Path = typer.Argument(..., help="YAML config file.")) -
     typer.echo(f"ok: {len(gateway_config.models)} model(s), {len(gateway_config.backends)} backend(s)")
 
 
+# `infergate bench`: the options and the implementation live in benchmarks/bench.py.
+from benchmarks.bench import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
+
+
 def main() -> None:
     app()
 

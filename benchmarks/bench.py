@@ -1,0 +1,201 @@
+"""``infergate bench``: drive targets at several load levels, side by side, and write the results.
+
+Targets are running servers (``--target NAME=HOST:PORT``) or the servers of a scenario the command
+starts itself in processes of its own (``--scenario serving``). The load generator
+(``benchmarks.loadgen.run_load``, unmodified ``tritonclient.grpc.aio``) runs in this process,
+never in a server's. Targets are interleaved at every level (level 1: A, B; level 2: A, B; ...)
+so that whatever else the machine is doing falls on all of them alike; compare targets by the
+ratios of one run, not by absolute numbers across runs.
+
+Writes ``OUT/results.json`` (machine, date, command, one row per target and level, ratios to the
+baseline target), ``OUT/report.md`` and ``OUT/latency.png``. Exits 1 when a run saw errors or
+served nothing, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+DEFAULT_BASELINE = "ceiling"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server to drive: ``name`` in the results, ``url`` host:port, ``model`` the name to call."""
+
+    name: str
+    url: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Level:
+    """One load level: ``concurrency`` callers, at ``rate`` requests/s in total (0: closed loop)."""
+
+    concurrency: int
+    rate: float
+
+
+def parse_target(text: str, model: str) -> Target:
+    name, sep, url = text.partition("=")
+    host, colon, port = url.rpartition(":")
+    if not sep or not name or not colon or not host or not port.isdigit():
+        raise typer.BadParameter(f"{text!r}: expected NAME=HOST:PORT", param_hint="--target")
+    return Target(name, url, model)
+
+
+def parse_numbers(text: str, kind: type, option: str, minimum: float) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint=option) from None
+    if not values or any(v < minimum for v in values):
+        raise typer.BadParameter(f"{text!r}: expected numbers >= {minimum}", param_hint=option)
+    return values
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
+
+
+async def measure(
+    targets: list[Target],
+    levels: list[Level],
+    duration_s: float,
+    warmup_s: float,
+    headers: dict[str, str] | None,
+    features: int,
+    input_name: str,
+    echo=print,
+) -> list[dict]:
+    """Every target at every level, targets interleaved within a level; one result row per run."""
+    from benchmarks.loadgen import run_load, single_row_inputs
+
+    rows = []
+    for level in levels:
+        for target in targets:
+            result = await run_load(
+                target.url,
+                target.model,
+                level.concurrency,
+                duration_s,
+                single_row_inputs(features, input_name),
+                target=target.name,
+                rate=level.rate,
+                warmup_s=warmup_s,
+                headers=headers,
+            )
+            echo(
+                f"{target.name:>16} c={level.concurrency:<4} rate={level.rate:g}: {result.rps:9.1f} req/s "
+                f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms errors {result.errors}"
+            )
+            rows.append(result.row())
+    return rows
+
+
+def ratios(rows: list[dict], baseline: str) -> list[dict]:
+    """Each non-baseline row against the baseline's row of the same level: rps, p50 and p99 ratios."""
+    base = {(r["concurrency"], r["rate"]): r for r in rows if r["target"] == baseline}
+    out = []
+    for row in rows:
+        ref = base.get((row["concurrency"], row["rate"]))
+        if row["target"] == baseline or ref is None:
+            continue
+        out.append({
+            "target": row["target"],
+            "baseline": baseline,
+            "concurrency": row["concurrency"],
+            "rate": row["rate"],
+            "rps_ratio": _ratio(row["rps"], ref["rps"]),
+            "p50_ratio": _ratio(row["p50_ms"], ref["p50_ms"]),
+            "p99_ratio": _ratio(row["p99_ms"], ref["p99_ms"]),
+        })
+    return out
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return round(value / reference, 3) if reference else None
+
+
+def bench_command(
+    target: list[str] = typer.Option([], "--target", help="NAME=HOST:PORT of a running server (repeatable)."),
+    scenario: str = typer.Option("", help="Start the servers of a scenario instead: 'serving'."),
+    with_triton: bool = typer.Option(False, "--with-triton", help="serving: add Triton direct and gateway over Triton."),
+    model: str = typer.Option("classifier", help="Model called on --target servers."),
+    concurrency: str = typer.Option("1,32", help="Concurrent callers per level, comma-separated."),
+    rate: str = typer.Option("0", help="Total requests/s per level, comma-separated; 0 = closed loop."),
+    duration_s: float = typer.Option(8.0, "--duration-s", min=0.1, help="Measured seconds per target and level."),
+    warmup_s: float = typer.Option(1.0, "--warmup-s", min=0.0, help="Unmeasured seconds before each run."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Directory for results.json, report.md, latency.png."),
+    token: str = typer.Option("", envvar="INFERGATE_TOKEN", help="Sent as 'authorization: Bearer TOKEN'."),
+    baseline: str = typer.Option(DEFAULT_BASELINE, help="Target the ratios are taken against."),
+    features: int = typer.Option(16, min=1, help="Each request is one FP32 row of this many values..."),
+    input_name: str = typer.Option("INPUT", help="...in the input of this name."),
+    machine: str = typer.Option("", help="Machine description for the report (default: detected)."),
+) -> None:
+    """Measure requests/s and latency percentiles of targets side by side; write results, report, plot."""
+    targets = [parse_target(t, model) for t in target]
+    if bool(targets) == bool(scenario):
+        raise typer.BadParameter("give either --target (one or more) or --scenario", param_hint="--target/--scenario")
+    levels = [
+        Level(c, r)
+        for c in parse_numbers(concurrency, int, "--concurrency", 1)
+        for r in parse_numbers(rate, float, "--rate", 0)
+    ]
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    meta = {
+        "machine": machine or machine_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["infergate", *sys.argv[1:]]),
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+    }
+
+    def run(targets: list[Target]) -> list[dict]:
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise typer.BadParameter(f"target names repeat: {names}", param_hint="--target")
+        return asyncio.run(measure(targets, levels, duration_s, warmup_s, headers, features, input_name, typer.echo))
+
+    if scenario:
+        from benchmarks.scenarios import SCENARIOS, start_scenario
+
+        if scenario not in SCENARIOS:
+            raise typer.BadParameter(f"{scenario!r}: known scenarios are {', '.join(SCENARIOS)}", param_hint="--scenario")
+        with tempfile.TemporaryDirectory(prefix="infergate-bench-") as workdir:
+            typer.echo(f"starting scenario {scenario}")
+            try:
+                with start_scenario(scenario, Path(workdir), with_triton) as started:
+                    rows = run(started)
+            except RuntimeError as exc:  # a server did not start; the message carries its output
+                typer.echo(f"infergate bench: {exc}", err=True)
+                raise typer.Exit(1) from None
+    else:
+        rows = run(targets)
+
+    from benchmarks.report import write_all
+
+    paths = write_all(out, meta, rows, ratios(rows, baseline))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+    failed = [r["target"] for r in rows if r["errors"] or not r["rps"]]
+    if failed:
+        typer.echo(f"infergate bench: errors or no answers from: {', '.join(sorted(set(failed)))}", err=True)
+        raise typer.Exit(1)
