@@ -28,6 +28,8 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    accepts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Other (datatype, shape) pairs a caller may send for this input (the gateway's entity ids)."""
 
 
 @dataclass(frozen=True)

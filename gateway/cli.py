@@ -106,6 +106,15 @@ from benchmarks.bench import bench_command  # noqa: E402
 app.command("bench")(bench_command)
 
 
+def _register_subcommands() -> None:
+    from gateway.cli_features import features_app
+
+    app.add_typer(features_app, name="features")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app()
 

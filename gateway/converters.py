@@ -108,9 +108,9 @@ def decode_infer_request(
         if use_raw and has_typed:
             raise InvalidArgument(f"input {tensor.name!r}: both raw_input_contents and typed contents are set")
         if use_raw:
-            inputs[tensor.name] = _from_raw(tensor.name, spec.datatype, shape, request.raw_input_contents[index])
+            inputs[tensor.name] = _from_raw(tensor.name, tensor.datatype, shape, request.raw_input_contents[index])
         else:
-            inputs[tensor.name] = _from_contents(tensor, spec.datatype, shape)
+            inputs[tensor.name] = _from_contents(tensor, tensor.datatype, shape)
     missing = [spec.name for spec in signature.inputs if spec.name not in seen]
     if missing:
         raise InvalidArgument(f"missing input(s) {missing}")
@@ -130,13 +130,19 @@ def _decode_parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str,
     return decoded
 
 
+def _shape_fits(shape: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    return len(shape) == len(want) and all(w == -1 or got == w for got, w in zip(shape, want))
+
+
 def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, batched: bool) -> tuple[int, ...]:
-    if tensor.datatype != spec.datatype:
-        raise InvalidArgument(f"input {tensor.name!r}: datatype {tensor.datatype or '(empty)'}, expected {spec.datatype}")
+    allowed = ((spec.datatype, spec.shape),) + spec.accepts
+    if tensor.datatype not in {datatype for datatype, _ in allowed}:
+        expected = " or ".join(sorted({datatype for datatype, _ in allowed}))
+        raise InvalidArgument(f"input {tensor.name!r}: datatype {tensor.datatype or '(empty)'}, expected {expected}")
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"input {tensor.name!r}: negative dimension in shape {list(shape)}")
-    if len(shape) != len(spec.shape) or any(want != -1 and got != want for got, want in zip(shape, spec.shape)):
+    if not any(datatype == tensor.datatype and _shape_fits(shape, want) for datatype, want in allowed):
         raise InvalidArgument(f"input {tensor.name!r}: shape {list(shape)} does not match the model's {list(spec.shape)}")
     if batched and shape and shape[0] == 0:
         raise InvalidArgument(f"input {tensor.name!r}: batch dimension is 0")

@@ -1,0 +1,170 @@
+"""Online features from Redis, added to requests before they are routed.
+
+A model with a ``features`` block takes entity ids in ``entity_input`` (BYTES or INT64, shape [N]
+or [N, 1]) instead of the backend's ``feature_input``. ``FeatureStore.fetch`` reads the rows of a
+feature view with one pipelined round trip (MGET for packed float32 vectors, HMGET per entity for
+hashes) and returns an FP32 [N, dim] array. What happens to a missing row or a failing Redis is the
+view's choice (``on_missing``, ``on_error``); the fetch never waits past the view's ``timeout_ms``
+or the call's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from backends.base import ModelSignature, TensorSpec
+from gateway import metrics
+from gateway.config import FeatureViewConfig, ModelFeaturesConfig
+from gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+ENTITY_ALTERNATIVES = (("BYTES", (-1, 1)), ("INT64", (-1,)), ("INT64", (-1, 1)))
+"""Besides BYTES [-1], the entity input accepts these (datatype, shape) pairs."""
+
+
+def entity_ids(array: np.ndarray) -> list[str]:
+    """Entity ids as strings, one per row (BYTES decoded as UTF-8, INT64 in decimal)."""
+    flat = array.reshape(-1)
+    if array.dtype == np.object_:
+        try:
+            return [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in flat]
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument("entity ids must be UTF-8") from exc
+    return [str(int(item)) for item in flat]
+
+
+def gateway_signature(backend: ModelSignature, features: ModelFeaturesConfig, dim: int) -> ModelSignature:
+    """The signature callers see: the backend's, with ``feature_input`` replaced by ``entity_input``.
+
+    Raises ValueError when the backend has no suitable ``feature_input``.
+    """
+    spec = backend.input(features.feature_input)
+    if spec is None:
+        raise ValueError(f"the backend model has no input {features.feature_input!r}")
+    if spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[1] not in (-1, dim):
+        raise ValueError(f"input {features.feature_input!r} must be FP32 [N, {dim}], the backend has {spec.datatype} {list(spec.shape)}")
+    if backend.input(features.entity_input) is not None:
+        raise ValueError(f"entity_input {features.entity_input!r} must not also be a backend input")
+    entity = TensorSpec(features.entity_input, "BYTES", (-1,), accepts=ENTITY_ALTERNATIVES)
+    inputs = tuple(s for s in backend.inputs if s.name != features.feature_input) + (entity,)
+    return ModelSignature(
+        inputs=inputs,
+        outputs=backend.outputs,
+        batched=backend.batched,
+        max_batch_size=backend.max_batch_size,
+        platform=backend.platform,
+    )
+
+
+class FeatureStore:
+    """Reads feature views from Redis. Create the client in ``start``, release it in ``close``."""
+
+    def __init__(
+        self,
+        url: str,
+        views: Mapping[str, FeatureViewConfig],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = url
+        self._views = dict(views)
+        self._clock = clock
+        self._redis: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        self._redis = aioredis.Redis.from_url(self._url, socket_connect_timeout=1.0)
+
+    async def close(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            await client.aclose()
+
+    async def enrich(
+        self, features: ModelFeaturesConfig, inputs: Mapping[str, np.ndarray], deadline: float
+    ) -> dict[str, np.ndarray]:
+        """``inputs`` with the entity input replaced by the fetched ``feature_input``."""
+        ids = entity_ids(inputs[features.entity_input])
+        rows = await self.fetch(features.view, ids, deadline)
+        enriched = {name: array for name, array in inputs.items() if name != features.entity_input}
+        enriched[features.feature_input] = rows
+        return enriched
+
+    async def fetch(self, view_name: str, ids: Sequence[str], deadline: float) -> np.ndarray:
+        view = self._views[view_name]
+        timeout = min(view.timeout_ms / 1000, deadline - self._clock())
+        if timeout <= 0:
+            raise DeadlineExceeded("deadline passed before the feature fetch")
+        started = time.perf_counter()
+        try:
+            raw = await asyncio.wait_for(self._read(view, ids), timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if view.on_error == "zeros":
+                log.warning("feature view %s unavailable (%s); serving zeros", view_name, type(exc).__name__)
+                return np.zeros((len(ids), view.dim), np.float32)
+            raise Unavailable(f"feature store unavailable for view {view_name!r}") from exc
+        finally:
+            metrics.FEATURE_FETCH_DURATION.labels(view_name).observe(time.perf_counter() - started)
+        return self._decode(view_name, view, ids, raw)
+
+    async def _read(self, view: FeatureViewConfig, ids: Sequence[str]) -> list:
+        if self._redis is None:
+            raise RedisError("feature store is not started")
+        keys = [view.key_template.format(id=entity) for entity in ids]
+        if view.encoding == "float32":
+            return await self._redis.mget(keys)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, list(view.fields))
+            return await pipe.execute()
+
+    @staticmethod
+    def _decode(view_name: str, view: FeatureViewConfig, ids: Sequence[str], raw: list) -> np.ndarray:
+        rows = np.zeros((len(ids), view.dim), np.float32)
+        for index, value in enumerate(raw):
+            if view.encoding == "float32":
+                present = value is not None
+                if present:
+                    vector = np.frombuffer(value, dtype="<f4") if len(value) == 4 * view.dim else None
+            else:
+                present = any(v is not None for v in value)
+                vector = None
+                if present:
+                    try:
+                        vector = np.array([float(v) if v is not None else 0.0 for v in value], np.float32)
+                    except ValueError:
+                        vector = None
+            if not present:
+                if view.on_missing == "error":
+                    raise NotFound(f"no features in view {view_name!r} for entity {ids[index]!r}")
+                continue
+            if vector is None:
+                raise Internal(f"feature view {view_name!r}: malformed row for entity {ids[index]!r}")
+            rows[index] = vector
+        return rows
+
+
+async def write_rows(
+    client: aioredis.Redis, view: FeatureViewConfig, rows: Sequence[tuple[str, Sequence[float]]], chunk: int = 1000
+) -> int:
+    """Write ``(entity id, values)`` rows with pipelined commands; return how many were written."""
+    written = 0
+    for start in range(0, len(rows), chunk):
+        async with client.pipeline(transaction=False) as pipe:
+            for entity, values in rows[start : start + chunk]:
+                if len(values) != view.dim:
+                    raise ValueError(f"entity {entity!r}: {len(values)} values, the view has dim {view.dim}")
+                key = view.key_template.format(id=entity)
+                if view.encoding == "float32":
+                    pipe.set(key, np.asarray(values, dtype="<f4").tobytes())
+                else:
+                    pipe.hset(key, mapping={name: float(v) for name, v in zip(view.fields, values)})
+            await pipe.execute()
+        written += len(rows[start : start + chunk])
+    return written

@@ -1,0 +1,175 @@
+"""Online features from a real Redis, added by the gateway before the ONNX model runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import redis
+import tritonclient.grpc.aio as grpcclient
+from onnx import TensorProto, helper, numpy_helper
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from gateway.local_redis import free_port
+from tests.conftest import running_gateway
+
+DIM = 8
+W_FEATURES = np.arange(DIM * 2, dtype=np.float32).reshape(DIM, 2) / 10
+W_CONTEXT = np.array([[1.0, -1.0], [0.5, 0.25]], dtype=np.float32)
+
+
+def reference(features: np.ndarray, context: np.ndarray) -> np.ndarray:
+    return features @ W_FEATURES + context @ W_CONTEXT
+
+
+@pytest.fixture(scope="module")
+def scorer_path(tmp_path_factory):
+    """SCORE [N, 2] = FEATURES [N, 8] @ Wf + CONTEXT [N, 2] @ Wc."""
+    graph = helper.make_graph(
+        nodes=[
+            helper.make_node("MatMul", ["FEATURES", "WF"], ["A"]),
+            helper.make_node("MatMul", ["CONTEXT", "WC"], ["B"]),
+            helper.make_node("Add", ["A", "B"], ["SCORE"]),
+        ],
+        name="scorer",
+        inputs=[
+            helper.make_tensor_value_info("FEATURES", TensorProto.FLOAT, ["N", DIM]),
+            helper.make_tensor_value_info("CONTEXT", TensorProto.FLOAT, ["N", 2]),
+        ],
+        outputs=[helper.make_tensor_value_info("SCORE", TensorProto.FLOAT, ["N", 2])],
+        initializer=[numpy_helper.from_array(W_FEATURES, "WF"), numpy_helper.from_array(W_CONTEXT, "WC")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("features") / "scorer.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def config(scorer_path, redis_url: str, **view_overrides) -> dict:
+    view = {"key_template": "user_profile:{id}", "encoding": "float32", "dim": DIM, "timeout_ms": 500}
+    view.update(view_overrides)
+    return {
+        "redis": {"url": redis_url},
+        "backends": {"onnx_cpu": {"kind": "onnx"}},
+        "feature_views": {"user_profile": view},
+        "models": {
+            "scorer": {
+                "features": {"view": "user_profile", "entity_input": "USER_ID", "feature_input": "FEATURES"},
+                "variants": {"v1": {"backend": "onnx_cpu", "path": str(scorer_path), "weight": 1}},
+            }
+        },
+    }
+
+
+def store(redis_url: str, rows: dict[str, np.ndarray]) -> None:
+    client = redis.Redis.from_url(redis_url)
+    for entity, vector in rows.items():
+        client.set(f"user_profile:{entity}", vector.astype("<f4").tobytes())
+    client.close()
+
+
+def inputs(ids, context: np.ndarray, datatype: str = "BYTES", shape=None) -> list[InferInput]:
+    array = np.array(ids, dtype=np.object_ if datatype == "BYTES" else np.int64)
+    if shape is not None:
+        array = array.reshape(shape)
+    entity = InferInput("USER_ID", list(array.shape), datatype)
+    entity.set_data_from_numpy(array)
+    ctx = InferInput("CONTEXT", list(context.shape), "FP32")
+    ctx.set_data_from_numpy(context)
+    return [entity, ctx]
+
+
+async def call(port: int, tensors) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        return (await client.infer("scorer", tensors)).as_numpy("SCORE")
+    finally:
+        await client.close()
+
+
+async def test_features_from_redis_feed_the_model(scorer_path, redis_url):
+    rng = np.random.default_rng(3)
+    rows = {"u1": rng.normal(size=DIM), "u2": rng.normal(size=DIM), "42": rng.normal(size=DIM)}
+    store(redis_url, rows)
+    context = rng.normal(size=(2, 2)).astype(np.float32)
+    async with running_gateway(config(scorer_path, redis_url)) as gateway:
+        by_name = await call(gateway.port, inputs([b"u2", b"u1"], context))
+        by_int = await call(gateway.port, inputs([42, 42], context, "INT64", (2, 1)))
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        metadata = await client.get_model_metadata("scorer", as_json=True)
+        await client.close()
+    expected = reference(np.stack([rows["u2"], rows["u1"]]).astype(np.float32), context)
+    assert np.allclose(by_name, expected, atol=1e-5)
+    assert np.allclose(by_int, reference(np.stack([rows["42"]] * 2).astype(np.float32), context), atol=1e-5)
+    # Callers see the entity input, never the backend's feature input.
+    assert sorted(i["name"] for i in metadata["inputs"]) == ["CONTEXT", "USER_ID"]
+
+
+async def test_missing_entity_is_zeros_or_not_found(scorer_path, redis_url):
+    store(redis_url, {"known": np.ones(DIM)})
+    context = np.ones((2, 2), np.float32)
+    async with running_gateway(config(scorer_path, redis_url, on_missing="zeros")) as gateway:
+        answer = await call(gateway.port, inputs([b"known", b"stranger"], context))
+    assert np.allclose(answer[1], reference(np.zeros((1, DIM), np.float32), context[1:]), atol=1e-6)
+    assert np.allclose(answer[0], reference(np.ones((1, DIM), np.float32), context[:1]), atol=1e-5)
+    async with running_gateway(config(scorer_path, redis_url, on_missing="error")) as gateway:
+        with pytest.raises(InferenceServerException) as err:
+            await call(gateway.port, inputs([b"known", b"stranger"], context))
+        still_served = await call(gateway.port, inputs([b"known"], context[:1]))
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    assert "stranger" in err.value.message()
+    assert still_served.shape == (1, 2)
+
+
+async def test_redis_down_fails_or_serves_zeros_by_view_choice(scorer_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    context = np.ones((1, 2), np.float32)
+    async with running_gateway(config(scorer_path, dead, on_error="fail")) as gateway:
+        with pytest.raises(InferenceServerException) as err:
+            await call(gateway.port, inputs([b"u1"], context))
+    assert err.value.status() == "StatusCode.UNAVAILABLE"
+    async with running_gateway(config(scorer_path, dead, on_error="zeros")) as gateway:
+        answer = await call(gateway.port, inputs([b"u1"], context))
+    assert np.allclose(answer, reference(np.zeros((1, DIM), np.float32), context), atol=1e-6)
+
+
+async def test_wrong_entity_dtype_is_invalid_argument(scorer_path, redis_url):
+    context = np.ones((1, 2), np.float32)
+    bad = InferInput("USER_ID", [1], "FP32")
+    bad.set_data_from_numpy(np.ones(1, np.float32))
+    ctx = InferInput("CONTEXT", [1, 2], "FP32")
+    ctx.set_data_from_numpy(context)
+    async with running_gateway(config(scorer_path, redis_url)) as gateway:
+        with pytest.raises(InferenceServerException) as err:
+            await call(gateway.port, [bad, ctx])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_cli_loads_csv_rows(scorer_path, redis_url, tmp_path):
+    import yaml
+
+    config_path = tmp_path / "gw.yaml"
+    config_path.write_text(yaml.safe_dump(config(scorer_path, redis_url)))
+    csv_path = tmp_path / "rows.csv"
+    csv_path.write_text("user_id," + ",".join(f"f{i}" for i in range(DIM)) + "\n"
+                        + "alice," + ",".join(str(i) for i in range(DIM)) + "\n"
+                        + "bob," + ",".join(str(-i) for i in range(DIM)) + "\n")
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "features", "load", "user_profile", str(csv_path),
+                           "--config", str(config_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "loaded 2 row(s)" in done.stdout
+    client = redis.Redis.from_url(redis_url)
+    alice = np.frombuffer(client.get("user_profile:alice"), "<f4")
+    client.close()
+    assert np.array_equal(alice, np.arange(DIM, dtype=np.float32))
+    short = tmp_path / "short.csv"
+    short.write_text("user_id,f0\ncarol,1.0\n")
+    bad = subprocess.run([sys.executable, "-m", "gateway.cli", "features", "load", "user_profile", str(short),
+                          "--config", str(config_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "short.csv:2" in bad.stderr and "Traceback" not in bad.stderr
