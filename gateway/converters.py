@@ -104,7 +104,7 @@ def decode_infer_request(
             if name in UNSUPPORTED_TENSOR_PARAMETERS:
                 raise InvalidArgument(f"input {tensor.name!r}: {UNSUPPORTED_TENSOR_PARAMETERS[name]}")
         shape = _check_shape(tensor, spec, signature.batched)
-        has_typed = any(tensor.contents.HasField(f) for f in _ALL_CONTENTS_FIELDS) if tensor.HasField("contents") else False
+        has_typed = bool(_typed_fields(tensor))
         if use_raw and has_typed:
             raise InvalidArgument(f"input {tensor.name!r}: both raw_input_contents and typed contents are set")
         if use_raw:
@@ -174,11 +174,18 @@ def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> n
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
 
 
+def _typed_fields(tensor: pb.ModelInferRequest.InferInputTensor) -> list[str]:
+    """The typed-contents fields that hold values (repeated fields have no presence, only a length)."""
+    if not tensor.HasField("contents"):
+        return []
+    return sorted(f for f in _ALL_CONTENTS_FIELDS if len(getattr(tensor.contents, f)))
+
+
 def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     field_name = _CONTENTS_FIELD.get(datatype)
     if field_name is None:
         raise InvalidArgument(f"input {tensor.name!r}: {datatype} must be sent in raw_input_contents")
-    wrong = [f for f in _ALL_CONTENTS_FIELDS if f != field_name and tensor.contents.HasField(f)] if tensor.HasField("contents") else []
+    wrong = [f for f in _typed_fields(tensor) if f != field_name]
     if wrong:
         raise InvalidArgument(f"input {tensor.name!r}: {datatype} data belongs in {field_name}, not {wrong[0]}")
     values = getattr(tensor.contents, field_name)
