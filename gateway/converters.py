@@ -283,7 +283,9 @@ def encode_model_config(
     """A Triton-style ModelConfig of the gateway's view (dims exclude the batch dimension)."""
     config = mc.ModelConfig(name=model, platform=signature.platform or "infergate", backend="infergate")
     config.max_batch_size = max_batch_size if signature.batched else 0
-    skip = 1 if signature.batched else 0
+    # Triton's rule: dims leave out the batch dimension only when max_batch_size > 0; a batched
+    # model without a limit of its own is shown with its full shape (-1 first) instead.
+    skip = 1 if config.max_batch_size > 0 else 0
     for spec in signature.inputs:
         config.input.add(name=spec.name, data_type=_CONFIG_DATATYPES[spec.datatype], dims=spec.shape[skip:])
     for spec in signature.outputs:
