@@ -124,6 +124,8 @@ class TritonBackend(Backend):
 def _translate(exc: InferenceServerException, what: str) -> GatewayError:
     code = _STATUS_BY_NAME.get(exc.status() or "", grpc.StatusCode.INTERNAL)
     message = (exc.message() or "").splitlines()[0][:300] if exc.message() else code.name
+    # A Python model's failure message ends in its traceback header; callers never get tracebacks.
+    message = message.split("Traceback (most recent call last)")[0].rstrip(" :") or code.name
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{what}: deadline exceeded at the backend")
     if code == grpc.StatusCode.UNAVAILABLE:
