@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from tritonclient.grpc import InferInput
 
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
@@ -29,6 +30,8 @@ from tests.support.processes import GatewayProcess
 
 ANSWER_ATOL = 1e-5
 RAW_CALL_TIMEOUT_S = 30.0
+CLIENT_TIMEOUT_S = 60.0
+CONCURRENT_CALLERS = 200
 MAX_MESSAGE_BYTES = 1 << 20
 """The shared ONNX gateway's message limit: far above every good call, easy to exceed on purpose."""
 
@@ -169,3 +172,28 @@ def assert_serves(url: str, model: str = "linear", seed: int = 1) -> None:
     assert response.model_name == model
     assert_matches_reference(raw_outputs(response), x, seed)
     assert response_variant(response)
+
+
+def linear_input(x: np.ndarray) -> InferInput:
+    tensor = InferInput("INPUT", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def result_outputs(result) -> dict[str, np.ndarray]:
+    return {name: result.as_numpy(name) for name in ("SCORES", "PROBS")}
+
+
+def result_variant(result) -> str:
+    return response_variant(result.get_response())
+
+
+def assert_config_consistent_with_metadata(config: dict, metadata: dict) -> None:
+    """Triton's rule: with max_batch_size > 0 dims leave out the batch dimension, with 0 they are the full shape."""
+    batch = int(config.get("max_batch_size", 0))
+    for section, tensors in (("input", metadata["inputs"]), ("output", metadata["outputs"])):
+        for entry, tensor in zip(config[section], tensors, strict=True):
+            assert entry["name"] == tensor["name"]
+            dims = [int(d) for d in entry["dims"]]
+            shape = [int(d) for d in tensor["shape"]]
+            assert ([-1] + dims if batch > 0 else dims) == shape, (section, entry, tensor)

@@ -23,32 +23,21 @@ from tritonclient.utils import InferenceServerException
 
 from gateway._proto.inference import grpc_service_pb2 as pb
 from tests.conftest import running_gateway
-from tests.support.models import classifier
 from tests.e2e.conftest import (
+    CLIENT_TIMEOUT_S,
+    CONCURRENT_CALLERS,
     RAW_CALL_TIMEOUT_S,
+    assert_config_consistent_with_metadata,
     assert_matches_reference,
     inference_stub,
+    linear_input,
     raw_outputs,
     response_variant,
+    result_outputs,
+    result_variant,
     rows_for,
 )
-
-CLIENT_TIMEOUT_S = 60.0
-CONCURRENT_CALLERS = 200
-
-
-def linear_input(x: np.ndarray) -> InferInput:
-    tensor = InferInput("INPUT", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
-    return tensor
-
-
-def result_outputs(result) -> dict[str, np.ndarray]:
-    return {name: result.as_numpy(name) for name in ("SCORES", "PROBS")}
-
-
-def result_variant(result) -> str:
-    return response_variant(result.get_response())
+from tests.support.models import classifier
 
 
 @pytest.fixture
@@ -150,17 +139,6 @@ def test_metadata_and_config_are_the_gateway_view(client):
     config = client.get_model_config("linear", as_json=True)["config"]
     assert config["name"] == "linear"
     assert_config_consistent_with_metadata(config, metadata)
-
-
-def assert_config_consistent_with_metadata(config: dict, metadata: dict) -> None:
-    """Triton's rule: with max_batch_size > 0 dims leave out the batch dimension, with 0 they are the full shape."""
-    batch = int(config.get("max_batch_size", 0))
-    for section, tensors in (("input", metadata["inputs"]), ("output", metadata["outputs"])):
-        for entry, tensor in zip(config[section], tensors, strict=True):
-            assert entry["name"] == tensor["name"]
-            dims = [int(d) for d in entry["dims"]]
-            shape = [int(d) for d in tensor["shape"]]
-            assert ([-1] + dims if batch > 0 else dims) == shape, (section, entry, tensor)
 
 
 def test_server_and_model_readiness(client):
