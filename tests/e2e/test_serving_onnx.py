@@ -68,6 +68,22 @@ def test_sync_requested_output_only(client):
     np.testing.assert_allclose(result.as_numpy("PROBS"), classifier(1).reference(x)["PROBS"], atol=1e-5)
 
 
+def test_what_tritonclient_sends_besides_tensors_is_accepted(client):
+    """priority, Triton's timeout parameter, caller parameters and gzip compression, as real callers send them."""
+    x = rows_for(4, rows=2)
+    result = client.infer(
+        "linear",
+        [linear_input(x)],
+        priority=1,
+        timeout=5_000_000,
+        parameters={"user_id": "u-42", "retry": 1, "ratio": 0.25, "debug": False},
+        compression_algorithm="gzip",
+        client_timeout=CLIENT_TIMEOUT_S,
+    )
+    assert_matches_reference(result_outputs(result), x)
+    assert result_variant(result) == "v1"
+
+
 def test_ab_every_answer_comes_from_the_variant_it_names(client):
     """50/50 between v1 and v2: each answer matches the weights of the variant in parameters."""
     seen = set()
