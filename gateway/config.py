@@ -278,6 +278,8 @@ class CanaryConfig(_Model):
     """Tolerated candidate error rate above the baseline's."""
     max_p99_latency_ratio: float = Field(1.5, gt=0)
     """Tolerated candidate p99 / baseline p99."""
+    lease_ttl_s: float = Field(10.0, gt=0)
+    """How long the replica driving this canary stays leader without renewing (a dead one is replaced after it)."""
 
     @field_validator("steps_percent")
     @classmethod

@@ -78,10 +78,14 @@ class RouteTable:
     def routes(self) -> list[Route]:
         return list(self._routes.values())
 
-    def install(self, route: Route) -> bool:
-        """Replace a model's route if ``route`` is newer (or the first); True when it changed."""
+    def install(self, route: Route, force: bool = False) -> bool:
+        """Replace a model's route if ``route`` is newer (or the first, or ``force``); True when it changed.
+
+        ``force`` is for the route store's resync, where Redis is the truth even when its revision
+        went back (state restored from an older snapshot).
+        """
         current = self._routes.get(route.model)
-        if current is not None and route.revision <= current.revision and current.revision != 0:
+        if not force and current is not None and route.revision <= current.revision and current.revision != 0:
             return False
         self._routes[route.model] = route
         return True

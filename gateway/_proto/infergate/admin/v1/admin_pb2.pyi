@@ -21,20 +21,22 @@ class VariantState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ..., backend: _Optional[str] = ..., health: _Optional[str] = ..., fallback: _Optional[str] = ...) -> None: ...
 
 class CanaryStatus(_message.Message):
-    __slots__ = ("enabled", "candidate", "state", "step_index", "current_percent", "last_reason")
+    __slots__ = ("enabled", "candidate", "state", "step_index", "current_percent", "last_reason", "leader")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     CURRENT_PERCENT_FIELD_NUMBER: _ClassVar[int]
     LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     candidate: str
     state: str
     step_index: int
     current_percent: int
     last_reason: str
-    def __init__(self, enabled: _Optional[bool] = ..., candidate: _Optional[str] = ..., state: _Optional[str] = ..., step_index: _Optional[int] = ..., current_percent: _Optional[int] = ..., last_reason: _Optional[str] = ...) -> None: ...
+    leader: str
+    def __init__(self, enabled: _Optional[bool] = ..., candidate: _Optional[str] = ..., state: _Optional[str] = ..., step_index: _Optional[int] = ..., current_percent: _Optional[int] = ..., last_reason: _Optional[str] = ..., leader: _Optional[str] = ...) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("model", "variants", "revision", "baseline", "shadow_variant", "shadow_percent", "canary", "updated_at_unix_s", "updated_by")

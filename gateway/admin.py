@@ -1,0 +1,214 @@
+"""The routing admin servicer: ``infergate.admin.v1.RoutingAdmin`` over the route store.
+
+Each method checks that the caller may administer routes (``Identity.may_admin``: the
+``admin:routes`` scope once auth is on; PERMISSION_DENIED otherwise), converts the message, calls
+the route store and converts back. The caller's token subject is what the audit log records.
+
+Changes need Redis (``redis.url``): without it the routes are the config's and change calls fail
+with FAILED_PRECONDITION. With Redis configured but unreachable every call fails UNAVAILABLE while
+the replica keeps serving its last known routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from gateway._proto.infergate.admin.v1 import admin_pb2 as pb
+from gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
+from gateway.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
+from gateway.identity import Identity, current_identity
+from gateway.pipeline import ModelEndpoint, Pipeline
+from gateway.servicer import status_boundary
+from router.audit import AuditRecord
+from router.canary import CanaryController, CanaryState
+from router.state import RouteStore
+from router.table import Route, RouteTable
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name
+WATCH_BUFFER = 256
+"""Route changes buffered per watcher; a watcher that falls this far behind is ended (RESOURCE_EXHAUSTED)."""
+
+
+def route_to_pb(route: Route, endpoint: ModelEndpoint, canary: pb.CanaryStatus | None = None) -> pb.Route:
+    config = endpoint.config
+    variants = [
+        pb.VariantState(
+            name=name,
+            weight=route.weights.get(name, 0),
+            backend=endpoint.variants[name].backend.name,
+            health=_health(endpoint, name),
+            fallback=config.variants[name].fallback,
+        )
+        for name in route.variants
+    ]
+    message = pb.Route(
+        model=route.model,
+        variants=variants,
+        revision=route.revision,
+        baseline=route.baseline,
+        shadow_variant=config.shadow.variant if config.shadow else "",
+        shadow_percent=round(config.shadow.percent) if config.shadow else 0,
+        updated_at_unix_s=route.updated_at_unix_s,
+        updated_by=route.updated_by,
+    )
+    if canary is not None:
+        message.canary.CopyFrom(canary)
+    return message
+
+
+def canary_to_pb(candidate: str, state: CanaryState | None, leader: str) -> pb.CanaryStatus:
+    if state is None:
+        return pb.CanaryStatus(enabled=True, candidate=candidate, state="idle", leader=leader,
+                               last_reason="not started yet")
+    return pb.CanaryStatus(
+        enabled=True,
+        candidate=state.candidate or candidate,
+        state=state.state,
+        step_index=state.step_index,
+        current_percent=state.current_percent,
+        last_reason=state.last_reason,
+        leader=leader,
+    )
+
+
+def audit_to_pb(record: AuditRecord) -> pb.AuditEntry:
+    return pb.AuditEntry(
+        id=record.id,
+        time_unix_s=record.time_unix_s,
+        subject=record.subject,
+        action=record.action,
+        old_weights=dict(record.old_weights),
+        new_weights=dict(record.new_weights),
+        reason=record.reason,
+        revision=record.revision,
+        model=record.model,
+    )
+
+
+def _health(endpoint: ModelEndpoint, name: str) -> str:
+    variant = endpoint.variants[name]
+    available = getattr(variant, "available", None)
+    if available is None:
+        return "unknown"
+    return "ok" if available() else "down"
+
+
+def _admin() -> Identity:
+    identity = current_identity.get()
+    if not identity.may_admin():
+        raise PermissionDenied("routing admin calls need the admin:routes scope")
+    return identity
+
+
+class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        routes: RouteTable,
+        store: RouteStore | None,
+        canaries: Mapping[str, CanaryController],
+    ) -> None:
+        self._pipeline = pipeline
+        self._routes = routes
+        self._store = store
+        self._canaries = canaries
+
+    async def ListRoutes(self, request, context):
+        async with status_boundary(context):
+            _admin()
+            self._check_reachable("list routes")
+            return pb.ListRoutesResponse(routes=[await self._route(model) for model in self._pipeline.endpoints])
+
+    async def GetRoute(self, request, context):
+        async with status_boundary(context):
+            _admin()
+            self._pipeline.endpoint(request.model)
+            self._check_reachable("read the route")
+            return pb.GetRouteResponse(route=await self._route(request.model))
+
+    async def SetWeights(self, request, context):
+        async with status_boundary(context):
+            identity = _admin()
+            route = await self._writer().set_weights(
+                request.model, dict(request.weights), identity.subject, request.reason, request.expected_revision
+            )
+            return pb.RouteChangeResponse(route=await self._route(route.model, route))
+
+    async def Promote(self, request, context):
+        async with status_boundary(context):
+            identity = _admin()
+            route = await self._writer().promote(request.model, request.variant, identity.subject, request.reason)
+            return pb.RouteChangeResponse(route=await self._route(route.model, route))
+
+    async def Rollback(self, request, context):
+        async with status_boundary(context):
+            identity = _admin()
+            route = await self._writer().rollback(request.model, identity.subject, request.reason)
+            return pb.RouteChangeResponse(route=await self._route(route.model, route))
+
+    async def GetAuditLog(self, request, context):
+        async with status_boundary(context):
+            _admin()
+            if request.model:
+                self._pipeline.endpoint(request.model)
+            records = await self._writer().audit_log(request.model, request.limit)
+            return pb.GetAuditLogResponse(entries=[audit_to_pb(record) for record in records])
+
+    async def WatchRoutes(self, request, context):
+        """The current routes first, then one event per change until the caller goes away."""
+        async with status_boundary(context):
+            _admin()
+            if request.model:
+                self._pipeline.endpoint(request.model)
+            store = self._writer()
+            store.require_connected("watch routes")
+            changes: asyncio.Queue[tuple[Route, AuditRecord | None]] = asyncio.Queue(maxsize=WATCH_BUFFER)
+            overflow = asyncio.Event()
+
+            def listen(route: Route, record: AuditRecord | None) -> None:
+                if request.model and route.model != request.model:
+                    return
+                try:
+                    changes.put_nowait((route, record))
+                except asyncio.QueueFull:
+                    overflow.set()
+
+            store.add_listener(listen)
+            try:
+                models = [request.model] if request.model else list(self._pipeline.endpoints)
+                for model in models:
+                    yield pb.RouteEvent(route=await self._route(model))
+                while True:
+                    route, record = await changes.get()
+                    if overflow.is_set():
+                        raise ResourceExhausted(f"watcher fell more than {WATCH_BUFFER} changes behind; watch again")
+                    event = pb.RouteEvent(route=await self._route(route.model, route))
+                    if record is not None:
+                        event.change.CopyFrom(audit_to_pb(record))
+                    yield event
+            finally:
+                store.remove_listener(listen)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _writer(self) -> RouteStore:
+        if self._store is None:
+            raise FailedPrecondition("route changes need Redis: set redis.url (this gateway serves the config's routes)")
+        return self._store
+
+    def _check_reachable(self, what: str) -> None:
+        if self._store is not None:
+            self._store.require_connected(what)
+
+    async def _route(self, model: str, route: Route | None = None) -> pb.Route:
+        endpoint = self._pipeline.endpoint(model)
+        route = route or self._routes.get(model)
+        controller = self._canaries.get(model)
+        canary = None
+        if controller is not None:
+            canary = canary_to_pb(controller.config.candidate, await controller.status(), await controller.leader())
+        return route_to_pb(route, endpoint, canary)
