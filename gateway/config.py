@@ -170,6 +170,8 @@ class TritonBackendConfig(_Model):
     """Batches sent to this backend at once."""
     readiness_poll_s: float = Field(1.0, gt=0)
     """How often model readiness is polled."""
+    max_retries: int = Field(2, ge=0, le=2)
+    """Retries of a call that got no answer (UNAVAILABLE), only while the caller's deadline allows."""
     breaker: BreakerConfig = BreakerConfig()
     """Circuit breaker of this backend."""
 

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, ModelSignature
+from backends.resilience import CircuitBreaker
 from gateway import metrics
 from gateway.config import ModelRouteConfig
-from gateway.errors import GatewayError, Internal, NotFound
+from gateway.errors import BackendUnavailable, GatewayError, Internal, NotFound
 from gateway.identity import ANONYMOUS, Identity
 from gateway.telemetry import outgoing_headers
+from router.batcher import Batcher
 from router.table import RouteTable, weighted_choice
 
 log = logging.getLogger(__name__)
@@ -49,19 +51,40 @@ class InferResult:
 
 
 class Variant:
-    """One variant of a model: a backend and the model name (or file) there."""
+    """One variant of a model: a backend and the model name (or file) there.
 
-    def __init__(self, model: str, name: str, backend: Backend, target: str, fallback: str = "") -> None:
+    The server gives it a ``ResilientBackend`` (breaker, in-flight limit, retries, backend timing)
+    and, when the model has a ``batching`` block and a batched signature, a ``Batcher`` around it.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        name: str,
+        backend: Backend,
+        target: str,
+        fallback: str = "",
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.model = model
         self.name = name
         self.backend = backend
         self.target = target
         self.fallback = fallback
+        self.breaker = breaker
         self.signature: ModelSignature | None = None
+        self.batcher: Batcher | None = None
+        """Set by the server after ``load`` when this variant batches."""
+        self.ready = True
+        """The backend's last readiness answer for this model (kept by the server's poller)."""
 
     async def load(self) -> ModelSignature:
         self.signature = await self.backend.load(self.target)
         return self.signature
+
+    def available(self) -> bool:
+        """False while the model reports not ready or its backend is ejected: use the fallback at once."""
+        return self.ready and (self.breaker is None or self.breaker.accepting())
 
     async def infer(
         self,
@@ -70,12 +93,11 @@ class Variant:
         deadline: float,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run one request on this variant's backend."""
-        started = time.perf_counter()
-        try:
-            return await self.backend.infer(self.target, inputs, outputs, deadline, headers)
-        finally:
-            metrics.BACKEND_DURATION.labels(self.backend.name).observe(time.perf_counter() - started)
+        """Run one request on this variant: through its batcher when it has one."""
+        if self.batcher is not None:
+            return await self.batcher.infer(inputs, outputs, deadline, headers)
+        return await self.backend.infer(self.target, inputs, outputs, deadline, headers)
+
 
 
 @dataclass
@@ -155,12 +177,28 @@ class Pipeline:
         rows: int = 0,
     ) -> InferResult:
         started = time.perf_counter_ns()
-        variant_name = self.choose(endpoint, ctx)
+        chosen = variant_name = self.choose(endpoint, ctx)
         code = "OK"
         try:
-            variant = endpoint.variants[variant_name]
-            answer = await variant.infer(inputs, outputs, ctx.deadline, _forwarded_headers(ctx.metadata))
-            return InferResult(answer, variant_name)
+            headers = _forwarded_headers(ctx.metadata)
+            tried: set[str] = set()
+            while True:  # the chosen variant, then its fallback chain while backends are down
+                variant = endpoint.variants[variant_name]
+                tried.add(variant_name)
+                fallback = variant.fallback if variant.fallback not in tried else ""
+                if fallback and not variant.available():
+                    variant_name = fallback
+                    continue
+                try:
+                    answer = await variant.infer(inputs, outputs, ctx.deadline, headers)
+                except BackendUnavailable:
+                    if not fallback or time.monotonic() >= ctx.deadline:
+                        raise
+                    variant_name = fallback
+                    continue
+                if variant_name != chosen:
+                    metrics.FALLBACKS.labels(endpoint.name, chosen, variant_name).inc()
+                return InferResult(answer, variant_name)
         except GatewayError as exc:
             code = exc.code.name
             raise

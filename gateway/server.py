@@ -3,7 +3,7 @@
 ``Gateway.start`` opens backends, loads every variant, installs the routes and starts the gRPC
 server (inference, health, reflection) and the metrics endpoint. ``Gateway.stop`` is the SIGTERM
 path: health turns NOT_SERVING, new calls are refused with UNAVAILABLE, in-flight calls get
-``server.shutdown_grace_s`` to finish, then backends close. ``serve`` wires that to the signals.
+``server.shutdown_grace_s`` to finish, then batchers stop and backends close. ``serve`` wires that to the signals.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tritonclient.grpc  # noqa: F401,E402
 
 from backends.base import Backend, ModelSignature
 from backends.onnx import OnnxBackend
+from backends.resilience import ReadinessPoller, ResilientBackend, resilient
 from backends.triton import TritonBackend
 from gateway import metrics
 from gateway._proto.inference import grpc_service_pb2 as pb
@@ -34,6 +35,7 @@ from gateway.errors import GatewayError
 from gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from gateway.servicer import InferenceServicer
 from gateway.telemetry import Tracing
+from router.batcher import Batcher
 from router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class Gateway:
         self._interceptors = list(interceptors)
         self._clock = clock
         self.backends: dict[str, Backend] = {}
+        self.resilient: dict[str, ResilientBackend] = {}
+        """The same backends behind their breaker, in-flight limit and retries; variants call these."""
+        self._batchers: list[Batcher] = []
+        self._pollers: list[ReadinessPoller] = []
         self.routes = RouteTable()
         self.pipeline: Pipeline | None = None
         self.port: int | None = None
@@ -86,8 +92,9 @@ class Gateway:
         self.tracing.start()
         for name, backend_config in self.config.backends.items():
             backend = build_backend(name, backend_config, self._clock)
-            await backend.start()
             self.backends[name] = backend
+            self.resilient[name] = resilient(backend, backend_config, self._clock)
+            await self.resilient[name].start()  # starts the backend it wraps
         endpoints = {}
         for model_name, model_config in self.config.models.items():
             endpoints[model_name] = await self._load_model(model_name, model_config)
@@ -110,9 +117,9 @@ class Gateway:
     async def _load_model(self, model_name: str, model_config: ModelRouteConfig) -> ModelEndpoint:
         variants: dict[str, Variant] = {}
         for name, variant_config in model_config.variants.items():
-            backend = self.backends[variant_config.backend]
+            backend = self.resilient[variant_config.backend]
             target = str(variant_config.path) if backend.kind == "onnx" else variant_config.model
-            variant = Variant(model_name, name, backend, target, variant_config.fallback)
+            variant = Variant(model_name, name, backend, target, variant_config.fallback, backend.breaker)
             try:
                 await variant.load()
             except GatewayError as exc:
@@ -122,7 +129,41 @@ class Gateway:
         assert baseline.signature is not None
         for name, variant in variants.items():
             _check_compatible(model_name, model_config.baseline, baseline.signature, name, variant.signature)
+        for variant in variants.values():
+            await self._start_resilience(variant, model_config)
         return ModelEndpoint(model_name, model_config, variants, baseline.signature)
+
+    async def _start_resilience(self, variant: Variant, model_config: ModelRouteConfig) -> None:
+        """A batcher when the model batches and the signature allows; a readiness poller for Triton."""
+        backend_config = self.config.backends[variant.backend.name]
+        signature = variant.signature
+        if model_config.batching is not None and signature is not None:
+            if signature.batched:
+                limits = [model_config.batching.max_batch_size, signature.max_batch_size]
+                variant.batcher = Batcher(
+                    variant.backend,
+                    variant.target,
+                    model_config.batching,
+                    max_rows=min(limit for limit in limits if limit > 0),
+                    max_inflight=backend_config.max_inflight_batches,
+                    model=variant.model,
+                    variant=variant.name,
+                    clock=self._clock,
+                )
+                self._batchers.append(variant.batcher)
+                await variant.batcher.start()
+            else:
+                log.warning("model %s variant %s: not batched, batching is off for it", variant.model, variant.name)
+        if backend_config.kind == "triton":
+
+            def note(ready: bool, variant: Variant = variant) -> None:
+                variant.ready = ready
+
+            poller = ReadinessPoller(
+                lambda variant=variant: variant.backend.ready(variant.target), backend_config.readiness_poll_s, note
+            )
+            self._pollers.append(poller)
+            await poller.start()
 
     async def _start_server(self) -> None:
         limit = self.config.server.max_message_bytes
@@ -187,7 +228,11 @@ class Gateway:
             await self._server.stop(grace)
             self._server = None
         self.tracing.shutdown()
-        for backend in self.backends.values():
+        for poller in self._pollers:
+            await poller.stop()
+        for batcher in self._batchers:  # in-flight calls are done: nothing is waiting on these
+            await batcher.stop()
+        for backend in self.resilient.values():  # each closes the backend it wraps
             try:
                 await backend.close()
             except Exception:
