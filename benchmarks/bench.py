@@ -19,6 +19,7 @@ import datetime
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,11 +32,16 @@ DEFAULT_BASELINE = "ceiling"
 
 @dataclass(frozen=True)
 class Target:
-    """A server to drive: ``name`` in the results, ``url`` host:port, ``model`` the name to call."""
+    """A server to drive: ``name`` in the results, ``url`` host:port, ``model`` the name to call.
+
+    ``compare_to`` names another target this one is also compared with (besides the baseline), such
+    as the backend it fronts.
+    """
 
     name: str
     url: str
     model: str
+    compare_to: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,18 @@ def machine_description() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
 
 
+def source_revision() -> str:
+    """The checkout's commit, with ``-dirty`` when the working tree differs from it; empty outside git."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 async def measure(
     targets: list[Target],
     levels: list[Level],
@@ -111,23 +129,32 @@ async def measure(
     return rows
 
 
-def ratios(rows: list[dict], baseline: str) -> list[dict]:
-    """Each non-baseline row against the baseline's row of the same level: rps, p50 and p99 ratios."""
-    base = {(r["concurrency"], r["rate"]): r for r in rows if r["target"] == baseline}
+def comparisons(targets: list[Target], baseline: str) -> list[tuple[str, str]]:
+    """(target, reference) pairs: every target against the baseline, then each against its ``compare_to``."""
+    names = {t.name for t in targets}
+    pairs = [(t.name, baseline) for t in targets if t.name != baseline and baseline in names]
+    pairs += [(t.name, t.compare_to) for t in targets if t.compare_to in names and t.compare_to != baseline]
+    return pairs
+
+
+def ratios(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """For each pair and level, target over reference: requests/s, p50 and p99 ratios."""
+    by_key = {(r["target"], r["concurrency"], r["rate"]): r for r in rows}
     out = []
-    for row in rows:
-        ref = base.get((row["concurrency"], row["rate"]))
-        if row["target"] == baseline or ref is None:
-            continue
-        out.append({
-            "target": row["target"],
-            "baseline": baseline,
-            "concurrency": row["concurrency"],
-            "rate": row["rate"],
-            "rps_ratio": _ratio(row["rps"], ref["rps"]),
-            "p50_ratio": _ratio(row["p50_ms"], ref["p50_ms"]),
-            "p99_ratio": _ratio(row["p99_ms"], ref["p99_ms"]),
-        })
+    for name, reference in pairs:
+        for row in rows:
+            ref = by_key.get((reference, row["concurrency"], row["rate"]))
+            if row["target"] != name or ref is None:
+                continue
+            out.append({
+                "target": name,
+                "baseline": reference,
+                "concurrency": row["concurrency"],
+                "rate": row["rate"],
+                "rps_ratio": _ratio(row["rps"], ref["rps"]),
+                "p50_ratio": _ratio(row["p50_ms"], ref["p50_ms"]),
+                "p99_ratio": _ratio(row["p99_ms"], ref["p99_ms"]),
+            })
     return out
 
 
@@ -165,15 +192,17 @@ def bench_command(
         "machine": machine or machine_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["infergate", *sys.argv[1:]]),
+        "revision": source_revision(),
         "duration_s": duration_s,
         "warmup_s": warmup_s,
     }
 
-    def run(targets: list[Target]) -> list[dict]:
+    def run(targets: list[Target]) -> tuple[list[dict], list[dict]]:
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise typer.BadParameter(f"target names repeat: {names}", param_hint="--target")
-        return asyncio.run(measure(targets, levels, duration_s, warmup_s, headers, features, input_name, typer.echo))
+        rows = asyncio.run(measure(targets, levels, duration_s, warmup_s, headers, features, input_name, typer.echo))
+        return rows, ratios(rows, comparisons(targets, baseline))
 
     if scenario:
         from benchmarks.scenarios import SCENARIOS, start_scenario
@@ -184,16 +213,16 @@ def bench_command(
             typer.echo(f"starting scenario {scenario}")
             try:
                 with start_scenario(scenario, Path(workdir), with_triton) as started:
-                    rows = run(started)
+                    rows, compared = run(started)
             except RuntimeError as exc:  # a server did not start; the message carries its output
                 typer.echo(f"infergate bench: {exc}", err=True)
                 raise typer.Exit(1) from None
     else:
-        rows = run(targets)
+        rows, compared = run(targets)
 
     from benchmarks.report import write_all
 
-    paths = write_all(out, meta, rows, ratios(rows, baseline))
+    paths = write_all(out, meta, rows, compared)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
     failed = [r["target"] for r in rows if r["errors"] or not r["rps"]]
     if failed:

@@ -70,6 +70,7 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict]) -> str:
         f"- machine: {meta['machine']}",
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
+        f"- source: {meta.get('revision') or 'unknown'}",
         f"- each target and level: {meta['warmup_s']:g} s warm-up, then {meta['duration_s']:g} s measured; "
         "targets interleaved within each level\n",
         "## Results\n",

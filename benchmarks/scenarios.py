@@ -88,7 +88,10 @@ def serving(workdir: Path, with_triton: bool = False) -> Iterator[list[Target]]:
         ceiling.start()
         targets = [Target("ceiling", ceiling.url, MODEL), Target("gateway-onnx", gateway.url, MODEL)]
         if triton is not None:
-            targets += [Target("triton", triton.url, TRITON_MODEL), Target("gateway-triton", gateway.url, GATEWAY_TRITON_MODEL)]
+            targets += [
+                Target("triton", triton.url, TRITON_MODEL),
+                Target("gateway-triton", gateway.url, GATEWAY_TRITON_MODEL, compare_to="triton"),
+            ]
         yield targets
     finally:
         for process in reversed(started):
