@@ -364,6 +364,8 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
@@ -389,7 +391,8 @@ def parse_config(raw: dict[str, Any]) -> GatewayConfig:
         key = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part))
         message = error["msg"].removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{key or 'config'}: {message}{more}") from exc
+        # Cross-field checks on the whole file already start their message with the key.
+        raise ConfigError(f"{key}: {message}{more}" if key else f"{message}{more}") from exc
 
 
 def _is_union_tag(part: object) -> bool:
