@@ -24,6 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -70,6 +71,21 @@ def parse_numbers(text: str, kind: type, option: str, minimum: float) -> list:
     return values
 
 
+def tls_kwargs(ca_file: Path | None, cert_file: Path | None, key_file: Path | None, scenario: str) -> dict | None:
+    """tritonclient's TLS arguments for the TLS options (None: plaintext); bad options are usage errors."""
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    if scenario:
+        raise typer.BadParameter("TLS options are for --target servers; a scenario's servers are plaintext", param_hint="--ca-file")
+    from gateway.tls import TlsOptionsError, client_tls
+
+    try:
+        tls = client_tls(ca_file, cert_file, key_file)
+    except TlsOptionsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return tls.tritonclient_kwargs() if tls else None
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -102,6 +118,7 @@ async def measure(
     headers: dict[str, str] | None,
     features: int,
     input_name: str,
+    ssl: dict | None = None,
     echo=print,
 ) -> list[dict]:
     """Every target at every level, targets interleaved within a level; one result row per run."""
@@ -120,6 +137,7 @@ async def measure(
                 rate=level.rate,
                 warmup_s=warmup_s,
                 headers=headers,
+                ssl=ssl,
             )
             echo(
                 f"{target.name:>16} c={level.concurrency:<4} rate={level.rate:g}: {result.rps:9.1f} req/s "
@@ -177,6 +195,9 @@ def bench_command(
     features: int = typer.Option(16, min=1, help="Each request is one FP32 row of this many values..."),
     input_name: str = typer.Option("INPUT", help="...in the input of this name."),
     machine: str = typer.Option("", help="Machine description for the report (default: detected)."),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="TLS to --target servers: the CA that signed them."),
+    cert_file: Optional[Path] = typer.Option(None, "--cert-file", help="Client certificate for mutual TLS..."),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="...and its private key."),
 ) -> None:
     """Measure requests/s and latency percentiles of targets side by side; write results, report, plot."""
     targets = [parse_target(t, model) for t in target]
@@ -188,6 +209,7 @@ def bench_command(
         for r in parse_numbers(rate, float, "--rate", 0)
     ]
     headers = {"authorization": f"Bearer {token}"} if token else None
+    ssl = tls_kwargs(ca_file, cert_file, key_file, scenario)
     meta = {
         "machine": machine or machine_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -201,7 +223,9 @@ def bench_command(
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise typer.BadParameter(f"target names repeat: {names}", param_hint="--target")
-        rows = asyncio.run(measure(targets, levels, duration_s, warmup_s, headers, features, input_name, typer.echo))
+        rows = asyncio.run(
+            measure(targets, levels, duration_s, warmup_s, headers, features, input_name, ssl, typer.echo)
+        )
         return rows, ratios(rows, comparisons(targets, baseline))
 
     if scenario:
