@@ -110,7 +110,10 @@ class Gateway:
         self.pipeline = Pipeline(endpoints, self.routes)
         await self._start_server()
         if self.config.server.metrics_listen:
-            self.metrics_port = metrics.serve_metrics(self.config.server.metrics_listen)
+            try:
+                self.metrics_port = metrics.serve_metrics(self.config.server.metrics_listen)
+            except OSError as exc:
+                raise StartupError(f"server.metrics_listen: cannot bind {self.config.server.metrics_listen}: {exc.strerror or exc}") from exc
         self._ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -197,9 +200,13 @@ class Gateway:
                 root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
                 require_client_auth=tls.client_ca_file is not None,
             )
-            self.port = server.add_secure_port(listen, credentials)
-        else:
-            self.port = server.add_insecure_port(listen)
+        try:  # grpcio raises RuntimeError when the address is taken or cannot be bound
+            if tls is not None:
+                self.port = server.add_secure_port(listen, credentials)
+            else:
+                self.port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise StartupError(f"server.listen: cannot bind {listen} (in use or not a local address)") from exc
         if not self.port:
             raise StartupError(f"server.listen: cannot bind {listen}")
         await server.start()
