@@ -145,6 +145,26 @@ class ModelStats:
 VariantChooser = Callable[[ModelEndpoint, CallContext], str]
 
 
+@dataclass(frozen=True)
+class CallRecord:
+    """One finished call, for observers (canary analysis, shadow copies)."""
+
+    endpoint: ModelEndpoint
+    chosen: str
+    """The variant routing chose (``result.variant`` differs when a fallback served)."""
+    code: str
+    """``OK`` or the status name the caller gets."""
+    duration_s: float
+    inputs: Mapping[str, np.ndarray]
+    outputs: Sequence[str]
+    result: InferResult | None
+    """The live answer; None when the call failed."""
+
+
+CallObserver = Callable[[CallRecord], None]
+"""Called after each call on the event loop; must be cheap and must not raise."""
+
+
 def choose_by_weight(routes: RouteTable) -> VariantChooser:
     """The simplest chooser: weighted random over the route's current weights."""
 
@@ -157,10 +177,17 @@ def choose_by_weight(routes: RouteTable) -> VariantChooser:
 class Pipeline:
     """Routes validated calls to variants and records the outcome."""
 
-    def __init__(self, endpoints: Mapping[str, ModelEndpoint], routes: RouteTable, chooser: VariantChooser | None = None):
+    def __init__(
+        self,
+        endpoints: Mapping[str, ModelEndpoint],
+        routes: RouteTable,
+        chooser: VariantChooser | None = None,
+        observers: Sequence[CallObserver] = (),
+    ):
         self.endpoints = dict(endpoints)
         self.routes = routes
         self.choose = chooser or choose_by_weight(routes)
+        self.observers = tuple(observers)
 
     def endpoint(self, model: str) -> ModelEndpoint:
         endpoint = self.endpoints.get(model)
@@ -179,6 +206,7 @@ class Pipeline:
         started = time.perf_counter_ns()
         chosen = variant_name = self.choose(endpoint, ctx)
         code = "OK"
+        result: InferResult | None = None
         try:
             headers = _forwarded_headers(ctx.metadata)
             tried: set[str] = set()
@@ -198,7 +226,8 @@ class Pipeline:
                     continue
                 if variant_name != chosen:
                     metrics.FALLBACKS.labels(endpoint.name, chosen, variant_name).inc()
-                return InferResult(answer, variant_name)
+                result = InferResult(answer, variant_name)
+                return result
         except GatewayError as exc:
             code = exc.code.name
             raise
@@ -212,6 +241,10 @@ class Pipeline:
             metrics.REQUESTS.labels(endpoint.name, variant_name, code).inc()
             if code == "OK":
                 metrics.REQUEST_DURATION.labels(endpoint.name, variant_name).observe(duration / 1e9)
+            if self.observers:
+                record = CallRecord(endpoint, chosen, code, duration / 1e9, inputs, outputs, result)
+                for observe in self.observers:
+                    observe(record)
 
 
 _FORWARDED = ("traceparent", "tracestate")

@@ -36,6 +36,7 @@ from gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from gateway.servicer import InferenceServicer
 from gateway.telemetry import Tracing
 from router.batcher import Batcher
+from router.runtime import Routing
 from router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Gateway:
         self._batchers: list[Batcher] = []
         self._pollers: list[ReadinessPoller] = []
         self.routes = RouteTable()
+        self.routing: Routing | None = None
+        """Selector, Redis route store, canary controllers and shadow copies (created in start)."""
         self.pipeline: Pipeline | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -107,7 +110,9 @@ class Gateway:
             self.routes.install(route)
             for variant, weight in route.weights.items():
                 metrics.ROUTE_WEIGHT.labels(model_name, variant).set(weight)
-        self.pipeline = Pipeline(endpoints, self.routes)
+        self.routing = Routing(self.config, self.routes, endpoints, self._clock)
+        await self.routing.start()
+        self.pipeline = Pipeline(endpoints, self.routes, self.routing.selector, self.routing.observers)
         await self._start_server()
         if self.config.server.metrics_listen:
             try:
@@ -214,7 +219,8 @@ class Gateway:
 
     def extra_services(self, server: grpc.aio.Server) -> list[str]:
         """Hook for more services on the same server; returns their full names for reflection."""
-        return []
+        assert self.pipeline is not None and self.routing is not None
+        return [self.routing.add_admin(server, self.pipeline)]
 
     async def _set_health(self, status) -> None:
         if self._health is None:
@@ -235,6 +241,8 @@ class Gateway:
             await self._server.stop(grace)
             self._server = None
         self.tracing.shutdown()
+        if self.routing is not None:  # before backends close: shadow copies use them
+            await self.routing.stop()
         for poller in self._pollers:
             await poller.stop()
         for batcher in self._batchers:  # in-flight calls are done: nothing is waiting on these

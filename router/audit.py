@@ -83,6 +83,7 @@ class AuditLog:
         return list(merged)[:limit]
 
 
-def _order_key(record: AuditRecord) -> tuple[int, int]:
+def _order_key(record: AuditRecord) -> tuple[int, float, int]:
+    """Redis's own clock first (one clock for every stream), the writer's time to break ties."""
     millis, _, seq = record.id.partition("-")
-    return int(millis), int(seq or 0)
+    return int(millis), record.time_unix_s, int(seq or 0)

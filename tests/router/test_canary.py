@@ -1,0 +1,240 @@
+"""Automated canary analysis against a real Redis, with an injected wall clock (no sleeping through intervals)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from gateway.config import CanaryConfig, parse_config
+from router.canary import (
+    PROGRESSING,
+    PROMOTED,
+    ROLLED_BACK,
+    SUBJECT,
+    CanaryController,
+    VariantStats,
+    judge,
+    percentile,
+)
+from router.state import RouteStore
+from router.table import Route, RouteTable
+from tests.router.fakes import FakeClock
+
+INTERVAL_S = 10.0
+TICK_S = 1.0
+
+
+def canary_config(**overrides) -> CanaryConfig:
+    values = dict(candidate="v2", steps_percent=[10, 50, 100], interval_s=INTERVAL_S, min_requests=20,
+                  max_error_rate_increase=0.05, max_p99_latency_ratio=1.5, lease_ttl_s=5)
+    values.update(overrides)
+    return CanaryConfig(**values)
+
+
+def model_configs():
+    raw = {
+        "backends": {"cpu": {"kind": "onnx"}},
+        "models": {"fraud": {"variants": {
+            "v1": {"backend": "cpu", "path": "/v1.onnx", "weight": 100},
+            "v2": {"backend": "cpu", "path": "/v2.onnx", "weight": 0},
+            "v1_cpu": {"backend": "cpu", "path": "/v1.onnx", "weight": 0},
+        }}},
+    }
+    return parse_config(raw).models
+
+
+@contextlib.asynccontextmanager
+async def replica(url: str, name: str):
+    configs = model_configs()
+    table = RouteTable()
+    table.install(Route("fraud", tuple(configs["fraud"].variants), {n: v.weight for n, v in configs["fraud"].variants.items()}))
+    store = RouteStore(url, configs, table, replica_id=name)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.stop()
+
+
+@pytest.fixture
+def wall() -> FakeClock:
+    return FakeClock(now=100_000.0)  # the start of window 10000
+
+
+def controller(store: RouteStore, wall: FakeClock, **overrides) -> CanaryController:
+    return CanaryController("fraud", "v1", canary_config(**overrides), store, wall_clock=wall, tick_s=TICK_S)
+
+
+def traffic(c: CanaryController, baseline_calls=200, candidate_calls=40, candidate_code="OK",
+            baseline_latency_s=0.010, candidate_latency_s=0.010) -> None:
+    for _ in range(baseline_calls):
+        c.observe("v1", "OK", baseline_latency_s)
+    for _ in range(candidate_calls):
+        c.observe("v2", candidate_code, candidate_latency_s)
+
+
+async def next_window(c: CanaryController, wall: FakeClock) -> None:
+    """Move into the next window, past the flush grace, and let the controller act."""
+    await c.tick()  # flush what the window holds
+    wall.now = (int(wall.now // INTERVAL_S) + 1) * INTERVAL_S + 1.5 * TICK_S + 0.01
+    await c.tick()
+
+
+async def interval(c: CanaryController, wall: FakeClock, **calls) -> None:
+    """One whole window of traffic after the current step began, then the controller's verdict."""
+    await next_window(c, wall)
+    traffic(c, **calls)
+    await next_window(c, wall)
+
+
+async def weights(store: RouteStore) -> dict[str, int]:
+    return dict((await store.read_route("fraud")).weights)
+
+
+def test_judge_rules():
+    config = canary_config()
+    ok = VariantStats(100, 0, 0.010)
+    assert judge(config, ok, VariantStats(19, 0, 0.010)).healthy is None
+    assert judge(config, ok, VariantStats(20, 0, 0.014)).healthy is True
+    assert judge(config, ok, VariantStats(20, 2, 0.010)).healthy is False  # 10 % > 0 % + 5 %
+    assert judge(config, VariantStats(100, 10, 0.01), VariantStats(20, 2, 0.010)).healthy is True
+    assert judge(config, ok, VariantStats(20, 0, 0.016)).healthy is False  # p99 ratio 1.6
+    assert judge(config, VariantStats(0, 0, None), VariantStats(20, 0, 0.5)).healthy is True  # nothing to compare
+
+
+def test_percentile_takes_the_bucket_bound():
+    assert percentile({}, 0.99) is None
+    value = percentile({10: 99, 50: 1}, 0.99)
+    assert value is not None and value < percentile({10: 98, 50: 2}, 0.99)
+
+
+async def test_healthy_candidate_is_stepped_up_to_100(redis_url, wall):
+    async with replica(redis_url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        assert c.is_leader
+        assert await weights(store) == {"v1": 90, "v2": 10, "v1_cpu": 0}
+        await interval(c, wall)
+        assert await weights(store) == {"v1": 50, "v2": 50, "v1_cpu": 0}
+        await interval(c, wall)
+        assert await weights(store) == {"v1": 0, "v2": 100, "v1_cpu": 0}
+        status = await c.status()
+        assert status is not None and (status.state, status.current_percent, status.step_index) == (PROMOTED, 100, 2)
+        log = await store.audit_log("fraud")
+    assert [(e.subject, e.action) for e in log[:3]] == [
+        (SUBJECT, "canary_step"), (SUBJECT, "canary_step"), (SUBJECT, "canary_start")]
+    assert "healthy" in log[0].reason
+
+
+async def test_failing_candidate_is_rolled_back_with_the_reason(redis_url, wall):
+    async with replica(redis_url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        await interval(c, wall, candidate_code="INTERNAL")
+        assert await weights(store) == {"v1": 100, "v2": 0, "v1_cpu": 0}
+        status = await c.status()
+        assert status is not None and status.state == ROLLED_BACK and status.current_percent == 0
+        assert "error rate 1.000" in status.last_reason
+        entry = (await store.audit_log("fraud", limit=1))[0]
+    assert (entry.subject, entry.action) == (SUBJECT, "canary_rollback")
+    assert entry.old_weights["v2"] == 10 and entry.new_weights == {"v1": 100, "v2": 0, "v1_cpu": 0}
+    assert "error rate" in entry.reason
+
+
+async def test_slow_candidate_is_rolled_back_on_p99(redis_url, wall):
+    async with replica(redis_url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        await interval(c, wall, candidate_latency_s=0.050)
+        status = await c.status()
+    assert status is not None and status.state == ROLLED_BACK
+    assert "p99" in status.last_reason
+
+
+async def test_caller_errors_do_not_count_against_the_candidate(redis_url, wall):
+    async with replica(redis_url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        await interval(c, wall, candidate_code="INVALID_ARGUMENT")
+        assert await weights(store) == {"v1": 50, "v2": 50, "v1_cpu": 0}
+
+
+async def test_too_few_calls_wait_at_the_same_step(redis_url, wall):
+    async with replica(redis_url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        await interval(c, wall, candidate_calls=19)
+        status = await c.status()
+        assert status is not None and (status.state, status.current_percent) == (PROGRESSING, 10)
+        assert "waiting for data: 19 of 20" in status.last_reason
+        assert await weights(store) == {"v1": 90, "v2": 10, "v1_cpu": 0}
+
+
+async def test_observations_of_every_replica_add_up(redis_url, wall):
+    async with replica(redis_url, "r1") as store_a, replica(redis_url, "r2") as store_b:
+        leader, follower = controller(store_a, wall), controller(store_b, wall)
+        await leader.tick()
+        await follower.tick()
+        assert leader.is_leader and not follower.is_leader
+        await next_window(leader, wall)
+        traffic(leader, candidate_calls=12)  # neither replica alone reaches min_requests (20)
+        traffic(follower, candidate_calls=12)
+        await follower.tick()  # the follower flushes its counts
+        await next_window(leader, wall)
+        stats = await leader.window_stats(int(wall.now // INTERVAL_S) - 1)
+        assert stats[1].requests == 24 and stats[0].requests == 400
+        assert await weights(store_a) == {"v1": 50, "v2": 50, "v1_cpu": 0}
+        starts = [e for e in await store_a.audit_log("fraud") if e.action == "canary_start"]
+    assert len(starts) == 1, "only the leader drives"
+
+
+async def test_lease_passes_on_when_the_holder_stops_renewing_or_hands_it_back(redis_url, wall):
+    async with replica(redis_url, "r1") as store_a, replica(redis_url, "r2") as store_b:
+        a = controller(store_a, wall, lease_ttl_s=0.3)
+        b = controller(store_b, wall, lease_ttl_s=0.3)
+        await a.tick()
+        await b.tick()
+        assert (a.is_leader, b.is_leader) == (True, False)
+        assert await b.leader() == "r1"
+        await asyncio.sleep(0.45)  # a "dies": no renewal; the lease expires in Redis's own time
+        await b.tick()
+        assert b.is_leader and await a.leader() == "r2"
+        await a.tick()
+        assert not a.is_leader
+        await b.stop()  # a clean shutdown hands the lease back at once
+        await a.tick()
+        assert a.is_leader
+
+
+async def test_a_manual_change_ends_the_run(redis_url, wall):
+    async with replica(redis_url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        await store.set_weights("fraud", {"v1": 70, "v2": 30}, "alice", "holding at 30 by hand")
+        await c.tick()
+        status = await c.status()
+        assert status is not None and status.state == "idle"
+        assert "alice" in status.last_reason
+        await interval(c, wall)
+        assert await weights(store) == {"v1": 70, "v2": 30, "v1_cpu": 0}
+
+
+async def test_a_finished_run_is_not_restarted_but_a_new_canary_block_is(redis_url, wall):
+    async with replica(redis_url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        await interval(c, wall, candidate_code="UNAVAILABLE")
+        await c.stop()
+        again = controller(store, wall)  # a replica restart with the same config
+        await again.tick()
+        status = await again.status()
+        assert status is not None and status.state == ROLLED_BACK
+        assert await weights(store) == {"v1": 100, "v2": 0, "v1_cpu": 0}
+        await again.stop()
+        fresh = controller(store, wall, steps_percent=[20, 100])  # a new canary block: a new run
+        await fresh.tick()
+        status = await fresh.status()
+        assert status is not None and (status.state, status.current_percent) == (PROGRESSING, 20)
+        await fresh.stop()
