@@ -32,6 +32,10 @@ from gateway.demo_models import LinearClassifier  # noqa: E402
 
 SLOW_DELAY_S = 0.5
 MAX_BATCH = 256
+ACCESS_TOKEN = "infergate-tests"
+"""Token of Triton's restricted endpoints (statistics...): tests read Triton's own ModelStatistics."""
+STATISTICS_HEADERS = {"triton-grpc-protocol-triton-access-token": ACCESS_TOKEN}
+"""gRPC headers for ``get_inference_statistics`` on the test Triton."""
 
 
 def main() -> int:
@@ -44,7 +48,7 @@ def main() -> int:
     import onnxruntime as ort
     from pytriton.decorators import batch
     from pytriton.model_config import ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     workdir = Path(tempfile.mkdtemp(prefix="infergate-triton-models-"))
     sessions = {}
@@ -82,7 +86,7 @@ def main() -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with Triton(config=config) as triton:
+    with Triton(config=config, security_config=TritonSecurityConfig(access_token=ACCESS_TOKEN)) as triton:
         model_config = ModelConfig(max_batch_size=MAX_BATCH)
         triton.bind("linear_v1", onnx_callable(sessions["linear_v1"]), inputs, outputs, config=model_config)
         triton.bind("linear_v2", onnx_callable(sessions["linear_v2"]), inputs, outputs, config=model_config)
