@@ -105,6 +105,12 @@ from benchmarks.bench import bench_command  # noqa: E402
 
 app.command("bench")(bench_command)
 
+# `infergate token` and `infergate jwks` (development tokens): gateway/auth/commands.py.
+from gateway.auth.commands import jwks_command, token_command  # noqa: E402
+
+app.command("token")(token_command)
+app.command("jwks")(jwks_command)
+
 
 def _register_subcommands() -> None:
     from gateway.cli_features import features_app

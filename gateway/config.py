@@ -108,6 +108,8 @@ class AuthConfig(_Model):
     """Least time between two fetches caused by unknown key ids."""
     verified_cache_size: int = Field(10000, ge=0)
     """Verified tokens remembered until their expiry; 0 turns the cache off."""
+    jwks_file_poll_s: float = Field(1.0, gt=0)
+    """How often jwks_file is checked for changes (mtime, size, inode)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> AuthConfig:

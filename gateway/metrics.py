@@ -41,6 +41,7 @@ SHADOW_REQUESTS = Counter("infergate_shadow_requests", "Shadow copies by outcome
 BREAKER_OPEN = Gauge("infergate_breaker_open", "1 while a backend's circuit breaker is open", ["backend"])
 FALLBACKS = Counter("infergate_fallbacks", "Calls served by a fallback variant", ["model", "variant", "fallback"])
 CANARY_STATE = Gauge("infergate_canary_percent", "Candidate weight set by the canary controller", ["model", "variant"])
+AUTH_REJECTIONS = Counter("infergate_auth_rejections", "Calls refused by auth or tenant rate limits", ["reason"])
 
 
 def serve_metrics(listen: str) -> int:

@@ -30,6 +30,7 @@ from backends.triton import TritonBackend
 from gateway import metrics
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.auth import AuthSetupError, Authenticator
 from gateway.config import GatewayConfig, ModelRouteConfig
 from gateway.errors import GatewayError
 from gateway.pipeline import ModelEndpoint, Pipeline, Variant
@@ -67,6 +68,9 @@ class Gateway:
     ) -> None:
         self.config = config
         self._interceptors = list(interceptors)
+        self.auth = Authenticator(config.auth) if config.auth.mode == "jwt" else None
+        if self.auth is not None:  # first: a refused call reaches no other interceptor and no handler
+            self._interceptors.insert(0, self.auth.interceptor)
         self._clock = clock
         self.backends: dict[str, Backend] = {}
         self.resilient: dict[str, ResilientBackend] = {}
@@ -93,6 +97,11 @@ class Gateway:
         """Open backends, load models, start serving. Raises StartupError with a clear message."""
         self._stopped = asyncio.Event()
         self.tracing.start()
+        if self.auth is not None:
+            try:
+                await self.auth.start()
+            except AuthSetupError as exc:
+                raise StartupError(str(exc)) from exc
         for name, backend_config in self.config.backends.items():
             backend = build_backend(name, backend_config, self._clock)
             self.backends[name] = backend
@@ -243,6 +252,8 @@ class Gateway:
         self.tracing.shutdown()
         if self.routing is not None:  # before backends close: shadow copies use them
             await self.routing.stop()
+        if self.auth is not None:
+            await self.auth.close()
         for poller in self._pollers:
             await poller.stop()
         for batcher in self._batchers:  # in-flight calls are done: nothing is waiting on these

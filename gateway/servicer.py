@@ -24,7 +24,7 @@ from gateway.converters import (
     encode_model_config,
     encode_model_metadata,
 )
-from gateway.errors import DeadlineExceeded, GatewayError, Internal, NotFound, Unimplemented
+from gateway.errors import DeadlineExceeded, GatewayError, Internal, NotFound, PermissionDenied, Unimplemented
 from gateway.config import TelemetryConfig
 from gateway.identity import current_identity
 from gateway.telemetry import Tracing, mark_error
@@ -127,7 +127,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if request.name:
                 endpoints = [self._endpoint(request.name, request.version)]
             else:
-                endpoints = list(self._pipeline.endpoints.values())
+                identity = current_identity.get()
+                endpoints = [e for e in self._pipeline.endpoints.values() if identity.may_infer(e.name)]
             response = pb.ModelStatisticsResponse()
             for endpoint in endpoints:
                 stats = endpoint.stats
@@ -216,6 +217,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(name=name, version="1", state="READY")
                 for name in self._pipeline.endpoints
+                if current_identity.get().may_infer(name)
             ]
         )
 
@@ -231,6 +233,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- helpers -------------------------------------------------------------------------------
 
     def _endpoint(self, model: str, version: str = "") -> ModelEndpoint:
+        # Checked before the lookup: without `infer:*` an unknown model looks forbidden, so names
+        # cannot be probed. This also covers an `x-infergate-variant` pin, which needs `infer:<model>`.
+        if not current_identity.get().may_infer(model):
+            raise PermissionDenied(f"not allowed to use model {model!r}")
         endpoint = self._pipeline.endpoint(model)
         if version not in ("", "1"):
             raise NotFound(f"model {model!r} has no version {version!r}; the gateway serves version 1")

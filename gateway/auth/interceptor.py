@@ -1,0 +1,176 @@
+"""The auth server interceptor and the ``Authenticator`` that builds it from ``AuthConfig``.
+
+``AuthInterceptor.intercept_service`` runs before any handler: it lets ``grpc.health.v1.Health``
+and server reflection through untouched, reads ``authorization: Bearer <jwt>``, verifies the token
+(from the verified-token cache when it can), charges the tenant's token bucket, then sets
+``gateway.identity.current_identity`` and hands over to the real handler. A refused call gets a
+pre-built rejecting handler instead (UNAUTHENTICATED, RESOURCE_EXHAUSTED, or INTERNAL when the
+verifier itself failed), so no servicer code runs for it.
+
+Why the context variable reaches the handler: grpc.aio runs each call in its own task, and that
+task awaits the interceptors and then the handler in the same context, so a ``ContextVar`` set
+here is what the handler reads (``tests/auth/test_interceptor.py`` checks it with concurrent
+callers of different identities, unary and streaming). Tasks the handler creates copy it.
+
+The rejecting handlers are stream-stream handlers that read what the client already sent
+(undecoded, bounded by ``REJECT_DRAIN_MESSAGES`` and ``REJECT_DRAIN_S``) and then abort, which
+answers unary, server-streaming and bidirectional calls alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import grpc
+
+from gateway import metrics
+from gateway.auth.keys import JwksFileSource, JwksUrlSource, KeySource, SecretKeySource
+from gateway.auth.ratelimit import TenantRateLimiter
+from gateway.auth.verifier import Reason, TokenRejected, TokenVerifier
+from gateway.config import AuthConfig
+from gateway.identity import current_identity
+
+log = logging.getLogger(__name__)
+
+OPEN_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
+"""Services callers reach without a token (DESIGN.md: health and discovery)."""
+
+REJECT_DRAIN_S = 0.5
+REJECT_DRAIN_MESSAGES = 64
+"""A refused call's messages are read (and dropped) until the client half-closes, within these bounds."""
+RATE_LIMITED_MESSAGE = "tenant over its request rate"
+INTERNAL_MESSAGE = "authentication failed"
+
+
+def bearer_token(metadata) -> str:
+    """The token of the one ``authorization: Bearer <token>`` entry; raises ``TokenRejected``."""
+    value = None
+    for key, item in metadata or ():
+        if key == "authorization":
+            if value is not None:
+                raise TokenRejected(Reason.MALFORMED_HEADER)
+            value = item
+    if value is None:
+        raise TokenRejected(Reason.MISSING_TOKEN)
+    if not isinstance(value, str):
+        raise TokenRejected(Reason.MALFORMED_HEADER)
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise TokenRejected(Reason.MALFORMED_HEADER)
+    return token
+
+
+def _rejecting_handler(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    async def reject(request_iterator, context: grpc.aio.ServicerContext) -> None:
+        # Take in what the client sends before ending the call (a bounded amount, undecoded): a
+        # grpc.aio client that writes after the call ended reports INTERNAL "Internal error from
+        # Core" instead of our status (grpc/grpc#36066), which a refused stream would hit.
+        received = 0
+        try:
+            async with asyncio.timeout(REJECT_DRAIN_S):
+                async for _message in request_iterator:
+                    received += 1
+                    if received >= REJECT_DRAIN_MESSAGES:
+                        break
+        except TimeoutError:
+            pass
+        await context.abort(code, message)
+
+    return grpc.stream_stream_rpc_method_handler(reject)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call except health and reflection; see the module docstring."""
+
+    def __init__(self, verifier: TokenVerifier, limiter: TenantRateLimiter | None = None) -> None:
+        self._verifier = verifier
+        self._limiter = limiter
+        self._rejections = {
+            reason: _rejecting_handler(grpc.StatusCode.UNAUTHENTICATED, reason.value) for reason in Reason
+        }
+        self._rejected = {reason: metrics.AUTH_REJECTIONS.labels(reason.name.lower()) for reason in Reason}
+        self._rate_limited = _rejecting_handler(grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED_MESSAGE)
+        self._rate_limited_count = metrics.AUTH_REJECTIONS.labels("rate_limited")
+        self._failed = _rejecting_handler(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method[1 : method.rfind("/")] in OPEN_SERVICES:
+            return await continuation(handler_call_details)
+        try:
+            token = bearer_token(handler_call_details.invocation_metadata)
+            identity = self._verifier.cached(token) or await self._verifier.verify(token)
+        except TokenRejected as exc:
+            self._rejected[exc.reason].inc()
+            log.debug("auth: %s refused: %s", method, exc.reason.name)
+            return self._rejections[exc.reason]
+        except Exception as exc:  # a bug must not become UNKNOWN, nor leak token details
+            log.error("auth: token verification failed unexpectedly (%s) for %s", type(exc).__name__, method)
+            return self._failed
+        if self._limiter is not None and not self._limiter.allow(identity.tenant):
+            self._rate_limited_count.inc()
+            log.debug("auth: %s refused: tenant %s over its rate (subject %s)", method, identity.tenant, identity.subject)
+            return self._rate_limited
+        current_identity.set(identity)
+        return await continuation(handler_call_details)
+
+
+def build_key_source(config: AuthConfig, environ: Mapping[str, str] | None = None) -> KeySource:
+    allowed = frozenset(config.algorithms)
+    if config.hs256_secret_env:
+        return SecretKeySource(config.hs256_secret_env, environ)
+    if config.jwks_file is not None:
+        return JwksFileSource(config.jwks_file, allowed, config.jwks_file_poll_s)
+    if config.jwks_url:
+        return JwksUrlSource(config.jwks_url, allowed, config.jwks_cache_ttl_s, config.jwks_refresh_cooldown_s)
+    raise ValueError("auth: no key source configured")  # AuthConfig's validation prevents this
+
+
+class Authenticator:
+    """Everything auth needs in one gateway: key source, verifier, rate limiter and interceptor.
+
+    Create it anywhere; call ``start`` inside the running loop before serving (it loads the keys
+    and starts the key source's background task) and ``close`` on shutdown.
+    """
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.keys = build_key_source(config, os.environ if environ is None else environ)
+        self.verifier = TokenVerifier(config, self.keys, clock)
+        self.limiter = (
+            TenantRateLimiter(config.rate_limit_per_tenant_rps, config.rate_limit_burst, monotonic)
+            if config.rate_limit_per_tenant_rps > 0
+            else None
+        )
+        self.interceptor = AuthInterceptor(self.verifier, self.limiter)
+
+    async def start(self) -> None:
+        """Load the keys; raises ``AuthSetupError`` naming the config key when that cannot work."""
+        await self.keys.start()
+        log.info(
+            "auth: jwt, algorithms %s, issuer %s, audience %s%s",
+            ",".join(self.config.algorithms),
+            self.config.issuer,
+            self.config.audience,
+            ", %.6g calls/s per tenant" % self.config.rate_limit_per_tenant_rps if self.limiter else "",
+        )
+
+    async def close(self) -> None:
+        await self.keys.close()
