@@ -197,12 +197,15 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str,
         array[:] = list(values)
         return array.reshape(shape)
     dtype = NUMPY_DTYPES[datatype]
+    # Range first: numpy 1.x silently wraps out-of-range ints (with a DeprecationWarning), 2.x raises.
+    if dtype.kind in "iu" and values:
+        info = np.iinfo(dtype)
+        if min(values) < info.min or max(values) > info.max:
+            raise InvalidArgument(f"input {tensor.name!r}: a value does not fit {datatype}")
     try:
         array = np.array(values, dtype=dtype)
     except OverflowError as exc:
         raise InvalidArgument(f"input {tensor.name!r}: a value does not fit {datatype}") from exc
-    if dtype.kind in "iu" and not np.array_equal(array.astype(np.int64 if dtype.kind == "i" else np.uint64), np.array(values)):
-        raise InvalidArgument(f"input {tensor.name!r}: a value does not fit {datatype}")
     return array.reshape(shape)
 
 
