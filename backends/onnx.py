@@ -120,9 +120,11 @@ class OnnxBackend(Backend):
             results = await asyncio.wait_for(asyncio.shield(future), remaining)
         except TimeoutError:
             run_options.terminate = True
+            future.add_done_callback(_discard_outcome)
             raise DeadlineExceeded("deadline passed during the ONNX run") from None
         except asyncio.CancelledError:
             run_options.terminate = True
+            future.add_done_callback(_discard_outcome)
             raise
         return {name: _from_ort(value) for name, value in zip(outputs, results)}
 
@@ -138,6 +140,12 @@ class OnnxBackend(Backend):
 
     async def ready(self, model: str) -> bool:
         return self._pool is not None and model in self._sessions
+
+
+def _discard_outcome(future: asyncio.Future) -> None:
+    """Nobody awaits an abandoned run; take its result so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _signature(session: ort.InferenceSession) -> ModelSignature:
