@@ -24,10 +24,14 @@ EXIT_CONFIG = 2
 
 
 def _setup_logging(level: str) -> None:
+    from gateway.auth.logfilter import SubjectLogFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(SubjectLogFilter())  # [subject]: who the call being served is for, "-" outside calls
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s [%(subject)s]: %(message)s",
+        handlers=[handler],
     )
 
 

@@ -9,16 +9,22 @@ the gateway; a call refused by auth reaches no handler.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from gateway import metrics
+from gateway.auth.logfilter import SubjectLogFilter
+from gateway.auth.verifier import identity_from_claims
+from gateway.identity import current_identity
 from tests.auth.conftest import bearer, gateway_config, row
 from tests.conftest import running_gateway
 from tests.support.models import FEATURES
@@ -105,8 +111,6 @@ async def test_refused_calls_reach_no_handler_and_are_counted(issuer, model_path
 
 
 async def test_health_and_reflection_need_no_token_but_server_calls_do(model_paths, jwks_path, no_task_leaks):
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
     async with running_gateway(gateway_config(model_paths, jwks_file=str(jwks_path))) as gateway:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
@@ -137,3 +141,17 @@ async def test_typed_input_rows_with_a_token(issuer, model_paths, jwks_path, no_
             await client.close()
     assert result.as_numpy("PROBS").shape == (2, 4)
     assert np.allclose(result.as_numpy("PROBS").sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_log_lines_name_the_subject_of_the_call_being_served():
+    def subject_of_a_line() -> str:
+        record = logging.LogRecord("gateway.x", logging.ERROR, __file__, 1, "backend failed", (), None)
+        SubjectLogFilter().filter(record)
+        return record.subject
+
+    def during_a_call() -> str:
+        current_identity.set(identity_from_claims({"sub": "svc-fraud", "scope": "infer:*"}))
+        return subject_of_a_line()
+
+    assert contextvars.copy_context().run(during_a_call) == "svc-fraud"
+    assert subject_of_a_line() == "-"
