@@ -121,6 +121,10 @@ def _register_subcommands() -> None:
 
     app.add_typer(features_app, name="features")
 
+    from gateway.cli_admin import register as register_admin_commands  # routes, canary, audit
+
+    register_admin_commands(app)
+
 
 _register_subcommands()
 

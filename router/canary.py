@@ -408,7 +408,7 @@ class CanaryController:
                 revision=changed.revision,
             )
         )
-        log.warning("canary %s: %s", self.model, reason)
+        (log.warning if status == ROLLED_BACK else log.info)("canary %s: %s", self.model, reason)
 
     async def _end_by_hand(self, state: CanaryState, route: Route) -> None:
         share = route.weights.get(self.config.candidate, 0)

@@ -22,6 +22,8 @@ from router.state import RouteStore
 from router.table import Route, RouteTable
 from tests.router.fakes import FakeClock
 
+pytestmark = pytest.mark.usefixtures("no_task_leaks")
+
 INTERVAL_S = 10.0
 TICK_S = 1.0
 

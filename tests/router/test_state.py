@@ -16,6 +16,8 @@ from router.audit import audit_key
 from router.state import RouteStore, route_key
 from router.table import Route, RouteTable
 
+pytestmark = pytest.mark.usefixtures("no_task_leaks")
+
 PROPAGATION_LIMIT_S = 1.0
 
 

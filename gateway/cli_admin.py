@@ -1,0 +1,329 @@
+"""Admin commands over the RoutingAdmin API: ``routes``, ``canary set|promote|rollback|status``, ``audit``.
+
+Each command talks to one gateway (``--gateway HOST:PORT`` or ``INFERGATE_GATEWAY``), sends
+``authorization: Bearer <token>`` when ``--token``/``INFERGATE_TOKEN`` is given, prints a table by
+default and JSON with ``--json``, and on a gRPC error prints ``infergate: <STATUS>: <message>`` and
+exits 1 (2 for bad arguments). Any replica will do: the change is stored in Redis and every replica
+applies it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import grpc
+import typer
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from gateway._proto.infergate.admin.v1 import admin_pb2 as pb
+from gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+DEFAULT_GATEWAY = "127.0.0.1:8001"
+
+GatewayOption = Annotated[
+    str, typer.Option("--gateway", envvar="INFERGATE_GATEWAY", help="Gateway address HOST:PORT (any replica).")
+]
+TokenOption = Annotated[
+    str, typer.Option("--token", envvar="INFERGATE_TOKEN", help="Bearer token with the admin:routes scope.", show_default=False)
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+CaFileOption = Annotated[
+    Optional[Path], typer.Option("--ca-file", envvar="INFERGATE_CA_FILE", help="CA of the gateway's TLS certificate (turns TLS on).")
+]
+TimeoutOption = Annotated[float, typer.Option("--timeout-s", help="Deadline of each call.")]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; recorded in the audit log.")]
+
+canary_app = typer.Typer(no_args_is_help=True, help="Change a model's variant weights: by hand, or see the automated canary.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``routes``, ``audit`` and the ``canary`` group to the main CLI."""
+    app.command("routes")(routes)
+    app.command("audit")(audit)
+    app.add_typer(canary_app, name="canary")
+
+
+# -- the connection ------------------------------------------------------------------------------
+
+
+class AdminClient:
+    """A blocking RoutingAdmin client; gRPC errors surface as ``grpc.RpcError``."""
+
+    def __init__(self, gateway: str, token: str = "", ca_file: Path | None = None, timeout_s: float = 10.0) -> None:
+        if ca_file is not None:
+            from gateway.tls import TlsOptionsError, client_tls
+
+            try:
+                tls = client_tls(ca_file)
+                assert tls is not None
+                self._channel = grpc.secure_channel(gateway, tls.channel_credentials())
+            except TlsOptionsError as exc:
+                _fail_usage(str(exc))
+        else:
+            self._channel = grpc.insecure_channel(gateway)
+        self.stub = pb_grpc.RoutingAdminStub(self._channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.timeout_s = timeout_s
+
+    def call(self, method: str, request: Message) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout_s)
+
+    def watch(self, model: str) -> Iterator[pb.RouteEvent]:
+        return self.stub.WatchRoutes(pb.WatchRoutesRequest(model=model), metadata=self.metadata)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _run(gateway: str, token: str, ca_file: Path | None, timeout_s: float, method: str, request: Message) -> Any:
+    client = AdminClient(gateway, token, ca_file, timeout_s)
+    try:
+        return client.call(method, request)
+    except grpc.RpcError as exc:
+        _fail_rpc(exc)
+    finally:
+        client.close()
+
+
+def _fail_rpc(exc: grpc.RpcError) -> None:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    typer.echo(f"infergate: {code.name}: {details}", err=True)
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _fail_usage(message: str) -> None:
+    typer.echo(f"infergate: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def routes(
+    model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
+    watch: Annotated[bool, typer.Option("--watch", help="Keep printing route changes as they happen.")] = False,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
+) -> None:
+    """Show models with their variants, weights, revision and health (--watch: follow changes)."""
+    if watch:
+        _watch(model, gateway, token, ca_file, timeout_s, as_json)
+        return
+    if model:
+        found = [_run(gateway, token, ca_file, timeout_s, "GetRoute", pb.GetRouteRequest(model=model)).route]
+    else:
+        found = list(_run(gateway, token, ca_file, timeout_s, "ListRoutes", pb.ListRoutesRequest()).routes)
+    if as_json:
+        _print_json({"routes": [_to_dict(route) for route in found]})
+    else:
+        _print_routes(found)
+
+
+@canary_app.command("set")
+def canary_set(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    weights: Annotated[list[str], typer.Argument(help="VARIANT=WEIGHT pairs, e.g. v1=90 v2=10 (others go to 0).")],
+    reason: ReasonOption = "",
+    expect_revision: Annotated[
+        int, typer.Option("--expect-revision", help="Refuse (ABORTED) unless the route is at this revision; 0 skips.")
+    ] = 0,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
+) -> None:
+    """Set a model's weights atomically (rejected whole when any part is wrong)."""
+    request = pb.SetWeightsRequest(
+        model=model, weights=parse_weights(weights), expected_revision=expect_revision, reason=reason
+    )
+    _print_change(_run(gateway, token, ca_file, timeout_s, "SetWeights", request), as_json)
+
+
+@canary_app.command("promote")
+def canary_promote(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    variant: Annotated[str, typer.Argument(help="Variant to give all traffic.")],
+    reason: ReasonOption = "",
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
+) -> None:
+    """VARIANT to 100, every other variant to 0."""
+    request = pb.PromoteRequest(model=model, variant=variant, reason=reason)
+    _print_change(_run(gateway, token, ca_file, timeout_s, "Promote", request), as_json)
+
+
+@canary_app.command("rollback")
+def canary_rollback(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    reason: ReasonOption = "",
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
+) -> None:
+    """Back to the baseline (the model's first variant in config) at 100."""
+    request = pb.RollbackRequest(model=model, reason=reason)
+    _print_change(_run(gateway, token, ca_file, timeout_s, "Rollback", request), as_json)
+
+
+@canary_app.command("status")
+def canary_status(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
+) -> None:
+    """The route and the automated canary's progress (state, step, last reason, leading replica)."""
+    route = _run(gateway, token, ca_file, timeout_s, "GetRoute", pb.GetRouteRequest(model=model)).route
+    if as_json:
+        _print_json(_to_dict(route))
+        return
+    _print_routes([route])
+    canary = route.canary
+    console = Console()
+    if not canary.enabled:
+        console.print(f"{model}: no automated canary (no canary block, or no Redis)")
+        return
+    console.print(
+        f"canary of [bold]{canary.candidate}[/bold]: {canary.state}, step {canary.step_index + 1}, "
+        f"{canary.current_percent}% | leader: {canary.leader or 'none'}"
+    )
+    if canary.last_reason:
+        console.print(f"last: {canary.last_reason}")
+
+
+def audit(
+    model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Newest entries to show.")] = 20,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
+) -> None:
+    """Who changed which route, when, from which weights to which, and why (newest first)."""
+    response = _run(gateway, token, ca_file, timeout_s, "GetAuditLog", pb.GetAuditLogRequest(model=model, limit=limit))
+    if as_json:
+        _print_json({"entries": [_to_dict(entry) for entry in response.entries]})
+        return
+    table = Table(title="route changes, newest first")
+    for column in ("time (UTC)", "model", "rev", "subject", "action", "from", "to", "reason"):
+        table.add_column(column)
+    for entry in response.entries:
+        table.add_row(
+            _time(entry.time_unix_s), entry.model, str(entry.revision), entry.subject, entry.action,
+            _weights_text(entry.old_weights), _weights_text(entry.new_weights), entry.reason,
+        )
+    Console().print(table)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def parse_weights(pairs: Sequence[str]) -> dict[str, int]:
+    """``["v1=90", "v2=10"]`` as a dict; bad syntax exits 2 naming the pair."""
+    weights: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value.strip().isdigit():
+            _fail_usage(f"weights: expected VARIANT=WEIGHT with a whole number, got {pair!r}")
+        if name in weights:
+            _fail_usage(f"weights: variant {name!r} given twice")
+        weights[name] = int(value)
+    return weights
+
+
+def _watch(model: str, gateway: str, token: str, ca_file: Path | None, timeout_s: float, as_json: bool) -> None:
+    client = AdminClient(gateway, token, ca_file, timeout_s)
+    try:
+        for event in client.watch(model):
+            if as_json:
+                print(json.dumps(_to_dict(event)), flush=True)
+            else:
+                _print_routes([event.route])
+                if event.HasField("change"):
+                    change = event.change
+                    Console().print(
+                        f"{_time(change.time_unix_s)} {change.subject} {change.action}: "
+                        f"{_weights_text(change.old_weights)} -> {_weights_text(change.new_weights)} {change.reason}"
+                    )
+                sys.stdout.flush()
+    except grpc.RpcError as exc:
+        _fail_rpc(exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+
+
+def _print_change(response: pb.RouteChangeResponse, as_json: bool) -> None:
+    if as_json:
+        _print_json(_to_dict(response.route))
+    else:
+        _print_routes([response.route])
+
+
+def _print_routes(found: Sequence[pb.Route]) -> None:
+    table = Table()
+    for column in ("model", "rev", "variant", "weight", "share", "health", "backend", "fallback", "notes"):
+        table.add_column(column)
+    for route in found:
+        total = sum(v.weight for v in route.variants) or 1
+        for index, variant in enumerate(route.variants):
+            notes = []
+            if variant.name == route.baseline:
+                notes.append("baseline")
+            if variant.name == route.shadow_variant:
+                notes.append(f"shadow {route.shadow_percent}%")
+            if route.canary.enabled and variant.name == route.canary.candidate:
+                notes.append(f"canary {route.canary.state}")
+            table.add_row(
+                route.model if index == 0 else "",
+                str(route.revision) if index == 0 else "",
+                variant.name,
+                str(variant.weight),
+                f"{100 * variant.weight / total:.1f}%",
+                variant.health,
+                variant.backend,
+                variant.fallback,
+                ", ".join(notes),
+            )
+        table.add_section()
+    Console().print(table)
+
+
+def _to_dict(message: Message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _time(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _weights_text(weights) -> str:
+    return " ".join(f"{name}={weights[name]}" for name in sorted(weights)) or "-"
