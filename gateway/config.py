@@ -355,6 +355,8 @@ class GatewayConfig(_Model):
                     raise ValueError(f"{where}.model: required for a triton backend")
             if model.features and model.features.view not in self.feature_views:
                 raise ValueError(f"models.{model_name}.features.view: unknown view {model.features.view!r}")
+            if model.features and not self.redis.url:
+                raise ValueError(f"models.{model_name}.features: online features need redis.url")
         return self
 
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from gateway.identity import ANONYMOUS, Identity
 from gateway.telemetry import outgoing_headers
 from router.batcher import Batcher
 from router.table import RouteTable, weighted_choice
+
+if TYPE_CHECKING:
+    from gateway.features import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,6 @@ class Variant:
         return await self.backend.infer(self.target, inputs, outputs, deadline, headers)
 
 
-
 @dataclass
 class ModelEndpoint:
     """A model as callers see it."""
@@ -108,8 +110,11 @@ class ModelEndpoint:
     config: ModelRouteConfig
     variants: dict[str, Variant]
     signature: ModelSignature
-    """The signature requests are validated against: the baseline variant's."""
+    """The signature requests are validated against: the baseline variant's (with the entity input
+    in place of the feature input when the model has online features)."""
     stats: "ModelStats" = field(default_factory=lambda: ModelStats())
+    feature_store: "FeatureStore | None" = None
+    """Where this model's online features come from (None when it has none)."""
 
     @property
     def max_batch_size(self) -> int:
@@ -209,6 +214,8 @@ class Pipeline:
         result: InferResult | None = None
         try:
             headers = _forwarded_headers(ctx.metadata)
+            if endpoint.feature_store is not None and endpoint.config.features is not None:
+                inputs = await endpoint.feature_store.enrich(endpoint.config.features, inputs, ctx.deadline)
             tried: set[str] = set()
             while True:  # the chosen variant, then its fallback chain while backends are down
                 variant = endpoint.variants[variant_name]

@@ -33,6 +33,7 @@ from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.auth import AuthSetupError, Authenticator
 from gateway.config import GatewayConfig, ModelRouteConfig
 from gateway.errors import GatewayError
+from gateway.features import FeatureStore, gateway_signature
 from gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from gateway.servicer import InferenceServicer
 from gateway.telemetry import Tracing
@@ -87,6 +88,7 @@ class Gateway:
         self._health: health.aio.HealthServicer | None = None
         self._ready = False
         self.tracing = Tracing(config.telemetry)
+        self.feature_store: FeatureStore | None = None
         self._stopped: asyncio.Event | None = None  # created in start(), inside the loop
 
     @property
@@ -102,6 +104,9 @@ class Gateway:
                 await self.auth.start()
             except AuthSetupError as exc:
                 raise StartupError(str(exc)) from exc
+        if any(model.features for model in self.config.models.values()):
+            self.feature_store = FeatureStore(self.config.redis.url, self.config.feature_views, self._clock)
+            await self.feature_store.start()
         for name, backend_config in self.config.backends.items():
             backend = build_backend(name, backend_config, self._clock)
             self.backends[name] = backend
@@ -148,7 +153,14 @@ class Gateway:
             _check_compatible(model_name, model_config.baseline, baseline.signature, name, variant.signature)
         for variant in variants.values():
             await self._start_resilience(variant, model_config)
-        return ModelEndpoint(model_name, model_config, variants, baseline.signature)
+        signature = baseline.signature
+        if model_config.features is not None:
+            view = self.config.feature_views[model_config.features.view]
+            try:
+                signature = gateway_signature(signature, model_config.features, view.dim)
+            except ValueError as exc:
+                raise StartupError(f"models.{model_name}.features: {exc}") from exc
+        return ModelEndpoint(model_name, model_config, variants, signature, feature_store=self.feature_store)
 
     async def _start_resilience(self, variant: Variant, model_config: ModelRouteConfig) -> None:
         """A batcher when the model batches and the signature allows; a readiness poller for Triton."""
@@ -254,6 +266,8 @@ class Gateway:
             await self.routing.stop()
         if self.auth is not None:
             await self.auth.close()
+        if self.feature_store is not None:
+            await self.feature_store.close()
         for poller in self._pollers:
             await poller.stop()
         for batcher in self._batchers:  # in-flight calls are done: nothing is waiting on these
