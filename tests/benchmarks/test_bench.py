@@ -10,7 +10,10 @@ from pathlib import Path
 
 import matplotlib.image
 
+from benchmarks.scenarios import gateway_config
+from gateway.demo_models import LinearClassifier
 from gateway.local_redis import free_port
+from tests.auth.certs import make_pki
 
 INFERGATE = Path(sys.executable).with_name("infergate")  # the installed console script, as users run it
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,3 +76,25 @@ def test_bad_target_is_a_usage_error(tmp_path):
     assert done.returncode == 2
     assert "NAME=HOST:PORT" in done.stderr
     assert not (tmp_path / "bench").exists()
+
+
+def test_tls_options_reach_a_mutual_tls_gateway(tmp_path, gateway_process):
+    pki = make_pki(tmp_path / "pki")
+    config = gateway_config(LinearClassifier.random(seed=1).save(tmp_path / "classifier.onnx"))
+    config["server"]["tls"] = {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key), "client_ca_file": str(pki.ca)}
+    gateway = gateway_process(config)
+
+    def bench(out: str, *tls: str) -> subprocess.CompletedProcess:
+        argv = [str(INFERGATE), "bench", "--target", f"gw={gateway.url}", "--concurrency", "2",
+                "--duration-s", "0.5", "--warmup-s", "0.2", "--out", str(tmp_path / out), *tls]
+        return subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    mutual = bench("mutual", "--ca-file", str(pki.ca), "--cert-file", str(pki.client_cert), "--key-file", str(pki.client_key))
+    server_only = bench("server-only", "--ca-file", str(pki.ca))
+
+    assert mutual.returncode == 0, mutual.stdout + mutual.stderr
+    [row] = json.loads((tmp_path / "mutual" / "results.json").read_text())["results"]
+    assert row["rps"] > 0 and row["errors"] == 0
+    assert server_only.returncode == 1, server_only.stdout + server_only.stderr
+    [refused] = json.loads((tmp_path / "server-only" / "results.json").read_text())["results"]
+    assert refused["rps"] == 0 and refused["errors"] > 0 and set(refused["error_codes"]) == {"UNAVAILABLE"}
