@@ -56,7 +56,9 @@ def serve(
         raise typer.Exit(_run_replica(gateway_config))
     # Several processes share the port through SO_REUSEPORT; each is a full replica.
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_main, args=(str(config), log_level), daemon=False) for _ in range(workers)]
+    processes = [
+        context.Process(target=_worker_main, args=(str(config), log_level, index), daemon=False) for index in range(workers)
+    ]
     for process in processes:
         process.start()
     import signal
@@ -73,9 +75,28 @@ def serve(
     raise typer.Exit(max((p.exitcode or 0) for p in processes))
 
 
-def _worker_main(config_path: str, log_level: str) -> None:
+def _worker_main(config_path: str, log_level: str, index: int = 0) -> None:
     _setup_logging(log_level)
-    sys.exit(_run_replica(load_config(config_path)))
+    sys.exit(_run_replica(_worker_config(load_config(config_path), index)))
+
+
+def _worker_config(config: GatewayConfig, index: int) -> GatewayConfig:
+    """Worker ``index`` serves its own metrics on ``metrics_listen``'s port + index.
+
+    The gRPC port is shared through SO_REUSEPORT, but each process has its own counters, so each
+    needs its own metrics endpoint (Prometheus scrapes all of them); port 0 stays 0 (any free port).
+    """
+    from gateway.config import split_host_port
+
+    listen = config.server.metrics_listen
+    if not listen or index == 0:
+        return config
+    host, port = split_host_port(listen)
+    if port == 0:
+        return config
+    host = f"[{host}]" if ":" in host else host
+    server = config.server.model_copy(update={"metrics_listen": f"{host}:{port + index}"})
+    return config.model_copy(update={"server": server})
 
 
 def _run_replica(config: GatewayConfig) -> int:
