@@ -26,7 +26,7 @@ from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from gateway.demo_models import IR_VERSION, OPSET
 from tests.support.models import FEATURES, classifier, onnx_config
-from tests.support.processes import GatewayProcess
+from tests.support.processes import GatewayProcess, wait_until
 
 ANSWER_ATOL = 1e-5
 RAW_CALL_TIMEOUT_S = 30.0
@@ -93,12 +93,23 @@ def shared_gateway(config: dict, workdir: Path, name: str) -> Iterator[GatewayPr
         assert_process_gone(pid)
 
 
-def assert_process_gone(pid: int) -> None:
-    """The child was reaped and nothing of its process group is left."""
+def assert_process_gone(pid: int, timeout_s: float = 15.0) -> None:
+    """The child was reaped and, soon after, nothing of its process group is left.
+
+    Helpers of the child (multiprocessing's resource tracker, workers) are killed with the group;
+    they are reparented, so their last moments as zombies belong to init: poll for them.
+    """
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(group_gone, timeout_s, what=f"process group {pid} to be gone")
 
 
 @pytest.fixture(scope="session")

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+import yaml
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import running_gateway
@@ -138,6 +141,29 @@ def test_idle_gateway_exits_0_on_signal(gateway_process, onnx_gateway_config, si
     assert_serves(gateway.url)
     gateway.send(signum)
     assert gateway.wait(GRACE_S + EXIT_MARGIN_S) == 0
+    assert "Traceback" not in gateway.output
+    gateway.stop()
+    assert_process_gone(pid)
+
+
+def test_several_workers_share_the_port_and_all_exit_0(gateway_process, onnx_gateway_config):
+    """workers: 2 -> two replicas on one port (SO_REUSEPORT), each with its own metrics port; SIGTERM stops all."""
+    config = dict(onnx_gateway_config, server={"workers": 2, "shutdown_grace_s": GRACE_S})
+    gateway = gateway_process(config, name="workers")
+    pid = gateway.process.pid
+    wait_until(lambda: gateway.output.count("listening on port") == 2, 60.0, what="both workers listening")
+    assert "cannot start" not in gateway.output
+    for _ in range(4):
+        assert_serves(gateway.url)
+    base = int(yaml.safe_load(gateway.config_path.read_text())["server"]["metrics_listen"].rsplit(":", 1)[1])
+    ports = sorted(int(port) for port in re.findall(r"listening on port \d+ metrics_port (\d+)", gateway.output))
+    assert ports == [base, base + 1]
+    for port in ports:
+        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=CLIENT_TIMEOUT_S)
+        assert page.status_code == 200 and "infergate_requests_total" in page.text, port
+    gateway.send(signal.SIGTERM)
+    assert gateway.wait(GRACE_S + EXIT_MARGIN_S) == 0
+    assert gateway.output.count("shutting down") == 2
     assert "Traceback" not in gateway.output
     gateway.stop()
     assert_process_gone(pid)
