@@ -189,3 +189,32 @@ async def test_gateway_deadline_reaches_triton(triton_server, no_task_leaks):
     (entry,) = stats["model_stats"]
     assert int(entry["inference_stats"]["fail"]["count"]) == 1
     assert_matches_reference(result_outputs(fast), x)
+
+
+async def test_calls_over_max_concurrent_rpcs_are_resource_exhausted(triton_server, no_task_leaks):
+    """4 calls may be in progress at once; the ``slow`` model (0.5 s) keeps them there while 20 more arrive."""
+    config = triton_config(triton_server.url)
+    config["server"] = {"max_concurrent_rpcs": 4}
+    inputs = [rows_for(8000 + i) for i in range(24)]
+    async with running_gateway(config) as gateway:
+        client = aioclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        try:
+
+            async def call(x):
+                try:
+                    return await client.infer("slow", [linear_input(x)], client_timeout=CLIENT_TIMEOUT_S)
+                except InferenceServerException as exc:
+                    return exc
+
+            outcomes = await asyncio.gather(*(call(x) for x in inputs))
+            later = rows_for(8100)
+            after = await client.infer("linear", [linear_input(later)], client_timeout=CLIENT_TIMEOUT_S)
+        finally:
+            await client.close()
+    refused = [o for o in outcomes if isinstance(o, InferenceServerException)]
+    assert {o.status() for o in refused} == {"StatusCode.RESOURCE_EXHAUSTED"}
+    answered = [(x, o) for x, o in zip(inputs, outcomes) if not isinstance(o, InferenceServerException)]
+    assert 1 <= len(answered) <= len(inputs) - 1
+    for x, result in answered:
+        assert_matches_reference(result_outputs(result), x)
+    assert_matches_reference(result_outputs(after), later)
