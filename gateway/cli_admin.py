@@ -10,9 +10,12 @@ applies it.
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -85,14 +88,54 @@ class AdminClient:
         self._channel.close()
 
 
-def _run(gateway: str, token: str, ca_file: Path | None, timeout_s: float, method: str, request: Message) -> Any:
-    client = AdminClient(gateway, token, ca_file, timeout_s)
-    try:
-        return client.call(method, request)
-    except grpc.RpcError as exc:
-        _fail_rpc(exc)
-    finally:
-        client.close()
+@dataclass(frozen=True)
+class Connection:
+    """The options every admin command takes: where the gateway is, how to talk to it, how to print."""
+
+    gateway: str
+    token: str
+    as_json: bool
+    ca_file: Path | None
+    timeout_s: float
+
+    def client(self) -> AdminClient:
+        return AdminClient(self.gateway, self.token, self.ca_file, self.timeout_s)
+
+    def call(self, method: str, request: Message) -> Any:
+        """One unary call; a gRPC error prints its status and exits 1."""
+        client = self.client()
+        try:
+            return client.call(method, request)
+        except grpc.RpcError as exc:
+            _fail_rpc(exc)
+        finally:
+            client.close()
+
+
+_CONNECTION_PARAMETERS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    for name, annotation, default in (
+        ("gateway", GatewayOption, DEFAULT_GATEWAY),
+        ("token", TokenOption, ""),
+        ("as_json", JsonOption, False),
+        ("ca_file", CaFileOption, None),
+        ("timeout_s", TimeoutOption, 10.0),
+    )
+]
+
+
+def admin_command(function: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the connection options (one definition for all); it receives ``conn: Connection``."""
+    signature = inspect.signature(function, eval_str=True)
+    own = [parameter for parameter in signature.parameters.values() if parameter.name != "conn"]
+
+    @functools.wraps(function)
+    def command(*args: Any, **kwargs: Any) -> None:
+        conn = Connection(**{parameter.name: kwargs.pop(parameter.name) for parameter in _CONNECTION_PARAMETERS})
+        function(*args, conn=conn, **kwargs)
+
+    command.__signature__ = signature.replace(parameters=own + _CONNECTION_PARAMETERS)  # type: ignore[attr-defined]
+    return command
 
 
 def _fail_rpc(exc: grpc.RpcError) -> None:
@@ -110,30 +153,29 @@ def _fail_usage(message: str) -> None:
 # -- commands ------------------------------------------------------------------------------------
 
 
+@admin_command
 def routes(
     model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
     watch: Annotated[bool, typer.Option("--watch", help="Keep printing route changes as they happen.")] = False,
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
+    *,
+    conn: Connection,
 ) -> None:
     """Show models with their variants, weights, revision and health (--watch: follow changes)."""
     if watch:
-        _watch(model, gateway, token, ca_file, timeout_s, as_json)
+        _watch(model, conn)
         return
     if model:
-        found = [_run(gateway, token, ca_file, timeout_s, "GetRoute", pb.GetRouteRequest(model=model)).route]
+        found = [conn.call("GetRoute", pb.GetRouteRequest(model=model)).route]
     else:
-        found = list(_run(gateway, token, ca_file, timeout_s, "ListRoutes", pb.ListRoutesRequest()).routes)
-    if as_json:
+        found = list(conn.call("ListRoutes", pb.ListRoutesRequest()).routes)
+    if conn.as_json:
         _print_json({"routes": [_to_dict(route) for route in found]})
     else:
         _print_routes(found)
 
 
 @canary_app.command("set")
+@admin_command
 def canary_set(
     model: Annotated[str, typer.Argument(help="Model name.")],
     weights: Annotated[list[str], typer.Argument(help="VARIANT=WEIGHT pairs, e.g. v1=90 v2=10 (others go to 0).")],
@@ -141,62 +183,53 @@ def canary_set(
     expect_revision: Annotated[
         int, typer.Option("--expect-revision", help="Refuse (ABORTED) unless the route is at this revision; 0 skips.")
     ] = 0,
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
+    *,
+    conn: Connection,
 ) -> None:
     """Set a model's weights atomically (rejected whole when any part is wrong)."""
     request = pb.SetWeightsRequest(
         model=model, weights=parse_weights(weights), expected_revision=expect_revision, reason=reason
     )
-    _print_change(_run(gateway, token, ca_file, timeout_s, "SetWeights", request), as_json)
+    _print_change(conn.call("SetWeights", request), conn.as_json)
 
 
 @canary_app.command("promote")
+@admin_command
 def canary_promote(
     model: Annotated[str, typer.Argument(help="Model name.")],
     variant: Annotated[str, typer.Argument(help="Variant to give all traffic.")],
     reason: ReasonOption = "",
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
+    *,
+    conn: Connection,
 ) -> None:
     """VARIANT to 100, every other variant to 0."""
     request = pb.PromoteRequest(model=model, variant=variant, reason=reason)
-    _print_change(_run(gateway, token, ca_file, timeout_s, "Promote", request), as_json)
+    _print_change(conn.call("Promote", request), conn.as_json)
 
 
 @canary_app.command("rollback")
+@admin_command
 def canary_rollback(
     model: Annotated[str, typer.Argument(help="Model name.")],
     reason: ReasonOption = "",
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
+    *,
+    conn: Connection,
 ) -> None:
     """Back to the baseline (the model's first variant in config) at 100."""
     request = pb.RollbackRequest(model=model, reason=reason)
-    _print_change(_run(gateway, token, ca_file, timeout_s, "Rollback", request), as_json)
+    _print_change(conn.call("Rollback", request), conn.as_json)
 
 
 @canary_app.command("status")
+@admin_command
 def canary_status(
     model: Annotated[str, typer.Argument(help="Model name.")],
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
+    *,
+    conn: Connection,
 ) -> None:
     """The route and the automated canary's progress (state, step, last reason, leading replica)."""
-    route = _run(gateway, token, ca_file, timeout_s, "GetRoute", pb.GetRouteRequest(model=model)).route
-    if as_json:
+    route = conn.call("GetRoute", pb.GetRouteRequest(model=model)).route
+    if conn.as_json:
         _print_json(_to_dict(route))
         return
     _print_routes([route])
@@ -213,18 +246,16 @@ def canary_status(
         console.print(f"last: {canary.last_reason}")
 
 
+@admin_command
 def audit(
     model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Newest entries to show.")] = 20,
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
+    *,
+    conn: Connection,
 ) -> None:
     """Who changed which route, when, from which weights to which, and why (newest first)."""
-    response = _run(gateway, token, ca_file, timeout_s, "GetAuditLog", pb.GetAuditLogRequest(model=model, limit=limit))
-    if as_json:
+    response = conn.call("GetAuditLog", pb.GetAuditLogRequest(model=model, limit=limit))
+    if conn.as_json:
         _print_json({"entries": [_to_dict(entry) for entry in response.entries]})
         return
     table = Table(title="route changes, newest first")
@@ -254,11 +285,11 @@ def parse_weights(pairs: Sequence[str]) -> dict[str, int]:
     return weights
 
 
-def _watch(model: str, gateway: str, token: str, ca_file: Path | None, timeout_s: float, as_json: bool) -> None:
-    client = AdminClient(gateway, token, ca_file, timeout_s)
+def _watch(model: str, conn: Connection) -> None:
+    client = conn.client()
     try:
         for event in client.watch(model):
-            if as_json:
+            if conn.as_json:
                 print(json.dumps(_to_dict(event)), flush=True)
             else:
                 _print_routes([event.route])

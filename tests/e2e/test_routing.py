@@ -100,14 +100,19 @@ def variant_of(client: grpcclient.InferenceServerClient, model: str, key: str | 
     return result_variant(result)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.pop("INFERGATE_TOKEN", None)
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT,
-        timeout=CLI_TIMEOUT_S,
-    )
+    return env
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_argv(*args), capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=CLI_TIMEOUT_S)
 
 
 def binomial_bounds(n: int, p: float, sigmas: float = 5.0) -> tuple[float, float]:
@@ -222,6 +227,24 @@ class TestSharedRoutes:
         entry = json.loads(log.stdout)["entries"][0]
         assert (entry["subject"], entry["action"], entry["reason"]) == ("anonymous", "set_weights", "e2e flip")
         assert (entry["old_weights"], entry["new_weights"]) == ({"v1": 100, "v2": 0}, {"v1": 0, "v2": 100})
+
+    def test_routes_watch_prints_the_current_route_then_each_change(self, replicas):
+        settle(replicas["urls"], "ab", {"v1": 90, "v2": 10})
+        watcher = subprocess.Popen(
+            cli_argv("routes", "ab", "--watch", "--json", "--gateway", replicas["b"].url),
+            stdout=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
+        )
+        try:
+            assert watcher.stdout is not None
+            first = json.loads(watcher.stdout.readline())
+            changed = set_weights(replicas["a"].url, "ab", {"v1": 60, "v2": 40}, reason="watched")
+            second = json.loads(watcher.stdout.readline())
+        finally:
+            watcher.terminate()
+            watcher.wait(10)
+        assert first["route"]["model"] == "ab" and "change" not in first
+        assert int(second["route"]["revision"]) == changed.revision
+        assert (second["change"]["reason"], second["change"]["new_weights"]) == ("watched", {"v1": 60, "v2": 40})
 
     def test_invalid_changes_are_rejected_whole(self, replicas):
         revision = settle(replicas["urls"], "ab", {"v1": 90, "v2": 10})
