@@ -8,6 +8,7 @@ from Triton's own ModelStatistics, never from the gateway's bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
@@ -88,6 +89,33 @@ async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 
         await asyncio.sleep(0.01)
 
 
+def connections_to(port: int) -> int:
+    """Open TCP connections from this process to ``port`` on loopback (read from /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table, encoding="ascii") as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[9] in inodes and fields[3] != "06":  # 06: TIME_WAIT
+                    count += 1
+    return count
+
+
+async def assert_no_connections_to(port: int) -> None:
+    """The gateway closed its channel to the backend (gRPC closes sockets shortly after close())."""
+    await wait_for(lambda: connections_to(port) == 0, f"no connection left to port {port}", timeout_s=10)
+
+
 def status_of(error: BaseException) -> str:
     assert isinstance(error, InferenceServerException), repr(error)
     return (error.status() or "").removeprefix("StatusCode.")
@@ -113,6 +141,8 @@ async def test_128_concurrent_single_row_calls_reach_triton_as_far_fewer_request
             )
         finally:
             await client.close()
+        assert connections_to(triton_server.grpc_port) >= 1  # the check below can see the gateway's channel
+    await assert_no_connections_to(triton_server.grpc_port)
     reached = delta(triton_counts(triton_server.url, "linear_v1"), before)
     for x, result in zip(inputs, results):
         assert_matches_reference(result_outputs(result), x)
@@ -270,6 +300,7 @@ async def test_triton_down_falls_back_to_onnx_and_traffic_returns_when_triton_is
                     await asyncio.sleep(0.1)
             finally:
                 await client.close()
+        await assert_no_connections_to(triton.grpc_port)
     finally:
         triton.stop()
     assert served[:8] == ["v1"] * 8 and served[-8:] == ["v1"] * 8
