@@ -33,7 +33,7 @@ from gateway.local_redis import LocalRedis, free_port
 from router.canary import SUBJECT, lease_key
 from router.selector import PIN_METADATA
 from tests.e2e.conftest import CLIENT_TIMEOUT_S, linear_input, result_variant, rows_for, shared_gateway
-from tests.support.processes import ROOT, GatewayProcess
+from tests.support.processes import ROOT, GatewayProcess, wait_until
 
 PROPAGATION_LIMIT_S = 1.0
 """A change acknowledged by one replica is served by every other replica within this."""
@@ -75,22 +75,11 @@ def admin_error(call) -> grpc.StatusCode:
     return err.value.code()
 
 
-def wait_until(predicate, what: str, timeout_s: float = WAIT_S, interval_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout_s}s")
-        time.sleep(interval_s)
-
-
 def settle(urls: list[str], model: str, weights: dict[str, int]) -> int:
     """Set ``weights`` through the first replica and wait until every replica has the revision."""
     revision = set_weights(urls[0], model, weights, reason="test setup").revision
     for url in urls:
-        wait_until(lambda url=url: get_route(url, model).revision >= revision, f"revision {revision} on {url}")
+        wait_until(lambda url=url: get_route(url, model).revision >= revision, WAIT_S, what=f"revision {revision} on {url}")
     return revision
 
 
@@ -206,7 +195,7 @@ class TestSharedRoutes:
         assert done.returncode == 0, done.stderr
         changed = json.loads(done.stdout)
         assert {v["name"]: v["weight"] for v in changed["variants"]} == {"v1": 0, "v2": 100}
-        wait_until(lambda: variant_of(clients[1], "ab") == "v2", "replica B serving v2", interval_s=0.0)
+        wait_until(lambda: variant_of(clients[1], "ab") == "v2", WAIT_S, interval_s=0.0, what="replica B serving v2")
         assert time.monotonic() - acknowledged < PROPAGATION_LIMIT_S
         assert get_route(replicas["b"].url, "ab").revision == int(changed["revision"])
 
@@ -421,7 +410,7 @@ class TestCanary:
     def test_leader_lease_moves_when_its_holder_is_killed(self, fleet):
         raw = redis.Redis.from_url(fleet["redis"].url, decode_responses=True)
         try:
-            holder = wait_until(lambda: raw.get(lease_key("leased")), "a leader")
+            holder = wait_until(lambda: raw.get(lease_key("leased")), WAIT_S, what="a leader")
             by_pid = {str(process.process.pid): process for process in (fleet["a"], fleet["b"])}
             holder_pid = holder.split(":")[1]
             victim = by_pid[holder_pid]
@@ -430,7 +419,7 @@ class TestCanary:
             victim.kill()
             killed = time.monotonic()
             successor = wait_until(
-                lambda: (value := raw.get(lease_key("leased"))) and value != holder and value, "a new leader", 15.0
+                lambda: (value := raw.get(lease_key("leased"))) and value != holder and value, 15.0, what="a new leader"
             )
             took_s = time.monotonic() - killed
         finally:
@@ -451,7 +440,7 @@ async def test_redis_stopped_and_restarted_serving_continues_then_resynchronises
             urls = [a.url, b.url]
             revision = settle(urls, "ab", {"v1": 0, "v2": 100})
             redis_server.stop()
-            wait_until(lambda: _route_or_none(a.url, "ab") is None, "the outage seen by the admin API")
+            wait_until(lambda: _route_or_none(a.url, "ab") is None, WAIT_S, what="the outage seen by the admin API")
             with contextlib.closing(grpcclient.InferenceServerClient(a.url)) as ca, \
                     contextlib.closing(grpcclient.InferenceServerClient(b.url)) as cb:
                 assert {variant_of(c, "ab") for c in (ca, cb) for _ in range(20)} == {"v2"}
@@ -461,11 +450,11 @@ async def test_redis_stopped_and_restarted_serving_continues_then_resynchronises
 
                 redis_server.start()
                 for url in urls:
-                    route = wait_until(lambda url=url: _route_or_none(url, "ab"), f"{url} back on Redis")
+                    route = wait_until(lambda url=url: _route_or_none(url, "ab"), WAIT_S, what=f"{url} back on Redis")
                     assert (route.revision, weights_of(route)) == (revision, {"v1": 0, "v2": 100})
                 changed = set_weights(a.url, "ab", {"v1": 100, "v2": 0}, expected_revision=revision, reason="after outage")
                 acknowledged = time.monotonic()
-                wait_until(lambda: variant_of(cb, "ab") == "v1", "B serving the change", interval_s=0.0)
+                wait_until(lambda: variant_of(cb, "ab") == "v1", WAIT_S, interval_s=0.0, what="B serving the change")
                 assert time.monotonic() - acknowledged < PROPAGATION_LIMIT_S
                 assert changed.revision == revision + 1
     finally:

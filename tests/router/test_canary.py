@@ -69,6 +69,15 @@ def controller(store: RouteStore, wall: FakeClock, **overrides) -> CanaryControl
     return CanaryController("fraud", "v1", canary_config(**overrides), store, wall_clock=wall, tick_s=TICK_S)
 
 
+@contextlib.asynccontextmanager
+async def running_canary(url: str, wall: FakeClock):
+    """One replica whose controller has taken the lease and started the run."""
+    async with replica(url, "r1") as store:
+        c = controller(store, wall)
+        await c.tick()
+        yield store, c
+
+
 def traffic(c: CanaryController, baseline_calls=200, candidate_calls=40, candidate_code="OK",
             baseline_latency_s=0.010, candidate_latency_s=0.010) -> None:
     for _ in range(baseline_calls):
@@ -113,9 +122,7 @@ def test_percentile_takes_the_bucket_bound():
 
 
 async def test_healthy_candidate_is_stepped_up_to_100(redis_url, wall):
-    async with replica(redis_url, "r1") as store:
-        c = controller(store, wall)
-        await c.tick()
+    async with running_canary(redis_url, wall) as (store, c):
         assert c.is_leader
         assert await weights(store) == {"v1": 90, "v2": 10, "v1_cpu": 0}
         await interval(c, wall)
@@ -131,9 +138,7 @@ async def test_healthy_candidate_is_stepped_up_to_100(redis_url, wall):
 
 
 async def test_failing_candidate_is_rolled_back_with_the_reason(redis_url, wall):
-    async with replica(redis_url, "r1") as store:
-        c = controller(store, wall)
-        await c.tick()
+    async with running_canary(redis_url, wall) as (store, c):
         await interval(c, wall, candidate_code="INTERNAL")
         assert await weights(store) == {"v1": 100, "v2": 0, "v1_cpu": 0}
         status = await c.status()
@@ -146,9 +151,7 @@ async def test_failing_candidate_is_rolled_back_with_the_reason(redis_url, wall)
 
 
 async def test_slow_candidate_is_rolled_back_on_p99(redis_url, wall):
-    async with replica(redis_url, "r1") as store:
-        c = controller(store, wall)
-        await c.tick()
+    async with running_canary(redis_url, wall) as (store, c):
         await interval(c, wall, candidate_latency_s=0.050)
         status = await c.status()
     assert status is not None and status.state == ROLLED_BACK
@@ -156,17 +159,13 @@ async def test_slow_candidate_is_rolled_back_on_p99(redis_url, wall):
 
 
 async def test_caller_errors_do_not_count_against_the_candidate(redis_url, wall):
-    async with replica(redis_url, "r1") as store:
-        c = controller(store, wall)
-        await c.tick()
+    async with running_canary(redis_url, wall) as (store, c):
         await interval(c, wall, candidate_code="INVALID_ARGUMENT")
         assert await weights(store) == {"v1": 50, "v2": 50, "v1_cpu": 0}
 
 
 async def test_too_few_calls_wait_at_the_same_step(redis_url, wall):
-    async with replica(redis_url, "r1") as store:
-        c = controller(store, wall)
-        await c.tick()
+    async with running_canary(redis_url, wall) as (store, c):
         await interval(c, wall, candidate_calls=19)
         status = await c.status()
         assert status is not None and (status.state, status.current_percent) == (PROGRESSING, 10)
@@ -211,9 +210,7 @@ async def test_lease_passes_on_when_the_holder_stops_renewing_or_hands_it_back(r
 
 
 async def test_a_manual_change_ends_the_run(redis_url, wall):
-    async with replica(redis_url, "r1") as store:
-        c = controller(store, wall)
-        await c.tick()
+    async with running_canary(redis_url, wall) as (store, c):
         await store.set_weights("fraud", {"v1": 70, "v2": 30}, "alice", "holding at 30 by hand")
         await c.tick()
         status = await c.status()
@@ -224,9 +221,7 @@ async def test_a_manual_change_ends_the_run(redis_url, wall):
 
 
 async def test_a_finished_run_is_not_restarted_but_a_new_canary_block_is(redis_url, wall):
-    async with replica(redis_url, "r1") as store:
-        c = controller(store, wall)
-        await c.tick()
+    async with running_canary(redis_url, wall) as (store, c):
         await interval(c, wall, candidate_code="UNAVAILABLE")
         await c.stop()
         again = controller(store, wall)  # a replica restart with the same config
