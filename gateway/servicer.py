@@ -56,14 +56,21 @@ async def status_boundary(context: grpc.aio.ServicerContext) -> AsyncIterator[No
         await context.abort(code, message)
 
 
+def invocation_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata, keys lower-case."""
+    return {key.lower(): value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
 def call_context(
     context: grpc.aio.ServicerContext,
     parameters: dict,
     default_deadline_s: float,
     clock: Callable[[], float] = time.monotonic,
+    metadata: dict[str, str] | None = None,
 ) -> CallContext:
     """The call's metadata and one absolute deadline (the caller's, else the default)."""
-    metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+    if metadata is None:
+        metadata = invocation_metadata(context)
     remaining = context.time_remaining()
     timeout = default_deadline_s if remaining is None else min(remaining, 10 * 365 * 86400)
     if timeout <= 0:
@@ -196,12 +203,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.gather(reader, *tasks, return_exceptions=True)
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+        metadata = invocation_metadata(context)
         with self._tracing.server_span("infergate/ModelInfer", metadata, {"infergate.model": request.model_name}) as span:
             try:
                 endpoint = self._endpoint(request.model_name, request.model_version)
                 decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
-                ctx = call_context(context, decoded.parameters, self._default_deadline_s)
+                ctx = call_context(context, decoded.parameters, self._default_deadline_s, metadata=metadata)
                 result = await self._pipeline.infer(endpoint, decoded.inputs, decoded.outputs, ctx, decoded.rows)
             except GatewayError as exc:
                 mark_error(span, exc.code.name, exc.message)
