@@ -6,10 +6,11 @@ One ``infergate serve`` process hosts one model per configuration, for both back
 in the gateway (CPU) and a real Triton (nvidia-pytriton's binary, ``linear_v1``, started here in
 a process of its own). Every model serves the same ``LinearClassifier`` (16 features to 4 classes).
 The load generator (``benchmarks.loadgen.run_load``, unmodified ``tritonclient.grpc.aio``) runs
-in this process: 64 closed-loop callers, one FP32 row each per call. Per backend the order is
-batching off, every batching configuration, then batching off again, so drift over the run shows
-up as the difference between the two "off" rows; ratios are taken against their mean. The mean
-batch size of each run is read from the gateway's own ``infergate_batch_size`` histogram.
+in this process: 64 closed-loop callers, one FP32 row each per call. Every configuration, batching
+off included, is measured once per round; rounds alternate the order (forward, then backward), so
+drift over the run falls on all configurations alike, and the report averages the rounds. Ratios
+are against batching off on the same backend. The mean batch size of each run is read from the
+gateway's own ``infergate_batch_size`` histogram.
 
 Writes ``OUT/results.json`` and ``OUT/report.md``. Servers come from ``tests/support/processes.py``
 (run from a source checkout). Absolute numbers are noisy on a shared machine; read the ratios.
@@ -61,10 +62,10 @@ class Setting:
 
 
 def settings(backend: str) -> list[Setting]:
-    """Batching off, the sweep, batching off again."""
+    """Batching off, then the sweep."""
     grid = [(size, DELAY_FOR_SIZES_US) for size in BATCH_SIZES]
     grid += [(SIZE_FOR_DELAYS, delay) for delay in DELAYS_US if (SIZE_FOR_DELAYS, delay) not in grid]
-    return [Setting(backend), *(Setting(backend, size, delay) for size, delay in grid), Setting(backend)]
+    return [Setting(backend), *(Setting(backend, size, delay) for size, delay in grid)]
 
 
 def gateway_config(model_path: Path, triton_url: str) -> dict:
@@ -101,11 +102,13 @@ def batch_counts(metrics_url: str, model: str) -> tuple[float, float]:
     return rows, batches
 
 
-async def sweep(gateway: GatewayProcess, concurrency: int, duration_s: float, warmup_s: float) -> list[dict]:
+async def sweep(gateway: GatewayProcess, concurrency: int, duration_s: float, warmup_s: float, rounds: int) -> list[dict]:
+    """One row per configuration and round; odd rounds run the configurations in reverse order."""
     metrics_url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    order = [setting for backend in BACKENDS for setting in settings(backend)]
     rows = []
-    for backend in BACKENDS:
-        for setting in settings(backend):
+    for round_index in range(rounds):
+        for setting in order if round_index % 2 == 0 else order[::-1]:
             before = batch_counts(metrics_url, setting.model)
             result = await run_load(
                 gateway.url, setting.model, concurrency, duration_s, single_row_inputs(16, "INPUT"),
@@ -115,7 +118,8 @@ async def sweep(gateway: GatewayProcess, concurrency: int, duration_s: float, wa
             batches = after[1] - before[1]
             row = {
                 **result.row(),
-                "backend": backend,
+                "round": round_index,
+                "backend": setting.backend,
                 "max_batch_size": setting.max_batch_size,
                 "max_delay_us": setting.max_delay_us,
                 "mean_batch_rows": round((after[0] - before[0]) / batches, 2) if batches else None,
@@ -129,21 +133,39 @@ async def sweep(gateway: GatewayProcess, concurrency: int, duration_s: float, wa
     return rows
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """Every batching row against the mean of its backend's two batching-off rows."""
+def averaged(rows: list[dict]) -> list[dict]:
+    """One row per configuration: the mean over rounds of rate, latencies and batch size."""
     out = []
-    for backend in BACKENDS:
-        off = [r for r in rows if r["backend"] == backend and not r["max_batch_size"]]
-        rps = sum(r["rps"] for r in off) / len(off)
-        p99 = sum(r["p99_ms"] for r in off) / len(off)
-        for row in rows:
-            if row["backend"] == backend and row["max_batch_size"]:
-                out.append({
-                    "target": row["target"],
-                    "rps_ratio": round(row["rps"] / rps, 2) if rps else None,
-                    "p99_ratio": round(row["p99_ms"] / p99, 2) if p99 else None,
-                })
+    for target in dict.fromkeys(r["target"] for r in rows):
+        runs = [r for r in rows if r["target"] == target]
+        first = runs[0]
+        mean = {key: round(sum(r[key] for r in runs) / len(runs), 2) for key in ("rps", "p50_ms", "p99_ms")}
+        batch_rows = [r["mean_batch_rows"] for r in runs if r["mean_batch_rows"] is not None]
+        out.append({
+            "target": target,
+            "backend": first["backend"],
+            "max_batch_size": first["max_batch_size"],
+            "max_delay_us": first["max_delay_us"],
+            **mean,
+            "rps_per_round": [r["rps"] for r in runs],
+            "mean_batch_rows": round(sum(batch_rows) / len(batch_rows), 2) if batch_rows else None,
+            "errors": sum(r["errors"] for r in runs),
+        })
     return out
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Every batching configuration against batching off on the same backend (averaged rows)."""
+    off = {r["backend"]: r for r in rows if not r["max_batch_size"]}
+    return [
+        {
+            "target": row["target"],
+            "rps_ratio": round(row["rps"] / off[row["backend"]]["rps"], 2) if off[row["backend"]]["rps"] else None,
+            "p99_ratio": round(row["p99_ms"] / off[row["backend"]]["p99_ms"], 2) if off[row["backend"]]["p99_ms"] else None,
+        }
+        for row in rows
+        if row["max_batch_size"]
+    ]
 
 
 def report(meta: dict, rows: list[dict], compared: list[dict]) -> str:
@@ -154,11 +176,12 @@ def report(meta: dict, rows: list[dict], compared: list[dict]) -> str:
         f"- Machine: {meta['machine']}. Date: {meta['date']}.",
         f"- Command: `{meta['command']}`",
         f"- {meta['concurrency']} closed-loop callers, one FP32 row [1, 16] per call; "
-        f"{meta['warmup_s']} s warm-up then {meta['duration_s']} s measured per row.",
+        f"{meta['warmup_s']} s warm-up then {meta['duration_s']} s measured per run; "
+        f"{meta['rounds']} rounds averaged (requests/s of each round in the last column).",
         "",
         "| backend | max_batch_size | max_delay_us | requests/s | p50 ms | p99 ms | mean rows/batch | errors "
-        "| requests/s vs off | p99 vs off |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| requests/s vs off | p99 vs off | requests/s per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         ratio = ratio_of.get(row["target"], {})
@@ -167,7 +190,8 @@ def report(meta: dict, rows: list[dict], compared: list[dict]) -> str:
             f"| {row['backend']} | {row['max_batch_size'] if batching else 'off'} | "
             f"{row['max_delay_us'] if batching else '-'} | {row['rps']:.0f} | {row['p50_ms']:.2f} | "
             f"{row['p99_ms']:.2f} | {row['mean_batch_rows'] if batching else 1} | {row['errors']} | "
-            f"{ratio.get('rps_ratio', '-')} | {ratio.get('p99_ratio', '-')} |"
+            f"{ratio.get('rps_ratio', '-')} | {ratio.get('p99_ratio', '-')} | "
+            f"{', '.join(f'{rps:.0f}' for rps in row['rps_per_round'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -178,6 +202,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration-s", type=float, default=3.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--machine", default="2-core CPU sandbox, no GPU, shared with other jobs")
     args = parser.parse_args()
     meta = {
@@ -187,6 +212,7 @@ def main() -> int:
         "concurrency": args.concurrency,
         "duration_s": args.duration_s,
         "warmup_s": args.warmup_s,
+        "rounds": args.rounds,
     }
     with tempfile.TemporaryDirectory(prefix="infergate-batching-") as workdir:
         work = Path(workdir)
@@ -195,15 +221,16 @@ def main() -> int:
         try:
             gateway = GatewayProcess(gateway_config(model_path, triton.url), work, name="batching-gateway").start()
             try:
-                rows = asyncio.run(sweep(gateway, args.concurrency, args.duration_s, args.warmup_s))
+                runs = asyncio.run(sweep(gateway, args.concurrency, args.duration_s, args.warmup_s, args.rounds))
             finally:
                 gateway.stop()
         finally:
             triton.stop()
+    rows = averaged(runs)
     compared = ratios(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
-        json.dumps({**meta, "results": rows, "ratios": compared}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({**meta, "results": rows, "ratios": compared, "runs": runs}, indent=2) + "\n", encoding="utf-8"
     )
     (args.out / "report.md").write_text(report(meta, rows, compared), encoding="utf-8")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'report.md'}")

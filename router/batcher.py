@@ -204,28 +204,26 @@ class Batcher:
     async def _next_batch(self) -> list[_Request]:
         assert self._wakeup is not None
         while True:
-            key = self._oldest_group()
-            if key is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            rows = self._group_rows[key]
-            wait_s = self._groups[key][0].enqueued + self._max_delay_s - self._clock()
-            if rows >= self._max_rows or rows in self._preferred or wait_s <= 0:
+            key, wait_s = self._due_group()
+            if key is not None and wait_s <= 0:
                 batch = self._take(key)
                 if batch:
                     return batch
                 continue  # everything taken had expired or gone
             self._wakeup.clear()
             try:
-                async with asyncio.timeout(wait_s):
+                async with asyncio.timeout(wait_s if key is not None else None):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
 
-    def _oldest_group(self) -> GroupKey | None:
-        """The group whose first live request has waited longest; drops groups with none left."""
-        oldest: tuple[float, GroupKey] | None = None
+    def _due_group(self) -> tuple[GroupKey | None, float]:
+        """The group to send next and the seconds until it is due (<= 0: now); drops empty groups.
+
+        A group is due at once when it holds ``max_rows`` rows or a preferred size, else
+        ``max_delay_us`` after its oldest live request arrived; of several, the earliest due wins.
+        """
+        best: tuple[bool, float, GroupKey] | None = None  # (waiting out its delay, due, key)
         for key in list(self._groups):
             queue = self._groups[key]
             while queue and not queue[0].queued:
@@ -234,9 +232,15 @@ class Batcher:
                 del self._groups[key]
                 del self._group_rows[key]
                 continue
-            if oldest is None or queue[0].enqueued < oldest[0]:
-                oldest = (queue[0].enqueued, key)
-        return None if oldest is None else oldest[1]
+            rows = self._group_rows[key]
+            waiting = rows < self._max_rows and rows not in self._preferred
+            due = queue[0].enqueued + (self._max_delay_s if waiting else 0.0)
+            if best is None or (waiting, due) < best[:2]:
+                best = (waiting, due, key)
+        if best is None:
+            return None, 0.0
+        waiting, due, key = best
+        return key, (due - self._clock()) if waiting else 0.0
 
     def _take(self, key: GroupKey) -> list[_Request]:
         """Remove up to ``max_rows`` rows of live requests from the front of a group."""

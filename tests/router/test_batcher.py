@@ -277,3 +277,14 @@ async def test_batch_size_and_queue_wait_are_recorded(make_batcher, backend, clo
     assert REGISTRY.get_sample_value("infergate_batch_size_sum", labels) - before == 4
     assert REGISTRY.get_sample_value("infergate_queue_wait_seconds_count", labels) - count_before == 4
     assert REGISTRY.get_sample_value("infergate_queue_depth", labels) == 0
+
+
+async def test_a_full_group_goes_out_while_an_older_group_waits_out_its_delay(make_batcher, backend, clock):
+    batcher = await make_batcher(max_rows=2)
+    older = submit(batcher, clock, rows(1, width=2))
+    await settle()
+    full = await asyncio.gather(*(batcher.infer(rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in (2, 3)))
+    assert [call.inputs["INPUT"].shape for call in backend.calls] == [(2, 4)]
+    assert len(full) == 2 and not older.done()
+    await batcher.stop()
+    assert await code_of(older) == grpc.StatusCode.UNAVAILABLE
