@@ -12,12 +12,13 @@ the replica keeps serving its last known routes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 
 from gateway._proto.infergate.admin.v1 import admin_pb2 as pb
 from gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
-from gateway.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
+from gateway.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, Unavailable
 from gateway.identity import Identity, current_identity
 from gateway.pipeline import ModelEndpoint, Pipeline
 from gateway.servicer import status_boundary
@@ -116,6 +117,13 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
         self._routes = routes
         self._store = store
         self._canaries = canaries
+        self._watches: set[asyncio.Queue] = set()
+
+    def end_watches(self) -> None:
+        """Shutdown has begun: end every WatchRoutes stream (UNAVAILABLE) so none holds the grace period."""
+        for changes in self._watches:
+            with contextlib.suppress(asyncio.QueueFull):
+                changes.put_nowait(None)
 
     async def ListRoutes(self, request, context):
         async with status_boundary(context):
@@ -166,7 +174,7 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
                 self._pipeline.endpoint(request.model)
             store = self._writer()
             store.require_connected("watch routes")
-            changes: asyncio.Queue[tuple[Route, AuditRecord | None]] = asyncio.Queue(maxsize=WATCH_BUFFER)
+            changes: asyncio.Queue[tuple[Route, AuditRecord | None] | None] = asyncio.Queue(maxsize=WATCH_BUFFER)
             overflow = asyncio.Event()
 
             def listen(route: Route, record: AuditRecord | None) -> None:
@@ -178,12 +186,16 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
                     overflow.set()
 
             store.add_listener(listen)
+            self._watches.add(changes)
             try:
                 models = [request.model] if request.model else list(self._pipeline.endpoints)
                 for model in models:
                     yield pb.RouteEvent(route=await self._route(model))
                 while True:
-                    route, record = await changes.get()
+                    change = await changes.get()
+                    if change is None:
+                        raise Unavailable("the gateway is shutting down; watch another replica")
+                    route, record = change
                     if overflow.is_set():
                         raise ResourceExhausted(f"watcher fell more than {WATCH_BUFFER} changes behind; watch again")
                     event = pb.RouteEvent(route=await self._route(route.model, route))
@@ -192,6 +204,7 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
                     yield event
             finally:
                 store.remove_listener(listen)
+                self._watches.discard(changes)
 
     # -- helpers -------------------------------------------------------------------------------
 

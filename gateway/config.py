@@ -1,8 +1,9 @@
 """Typed, validated configuration: the YAML file of DESIGN.md plus ``INFERGATE_...`` overrides.
 
 ``load_config(path)`` is the only way in. It reads the YAML, overlays environment variables
-(``INFERGATE_SERVER__LISTEN=0.0.0.0:9000``: double underscore separates levels, values are parsed
-as YAML scalars so numbers and lists work), validates everything once, and returns frozen models.
+(``INFERGATE_SERVER__LISTEN=0.0.0.0:9000``: double underscore separates levels; a value is the
+string it is, converted by its field's type, except a flow list or mapping such as
+``[CPUExecutionProvider]``, read as YAML), validates everything once, and returns frozen models.
 Problems raise ``ConfigError`` whose message names the key and what is wrong; the CLI prints it
 and exits 2. The rest of the code receives these objects, never dicts.
 """
@@ -404,7 +405,7 @@ def _is_union_tag(part: object) -> bool:
 
 
 def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Apply ``INFERGATE_A__B__C=value`` onto ``raw['a']['b']['c']`` (values parsed as YAML)."""
+    """Apply ``INFERGATE_A__B__C=value`` onto ``raw['a']['b']['c']`` (see ``_environment_value``)."""
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue  # INFERGATE_TOKEN, INFERGATE_GATEWAY and friends belong to the CLI
@@ -418,10 +419,25 @@ def _overlay_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> Non
                 child = {}
                 node[part] = child
             node = child
+        node[parts[-1]] = _environment_value(value)
+
+
+def _environment_value(value: str) -> Any:
+    """A flow list or mapping (``[a, b]``, ``{k: v}``) is read as YAML; any other value stays the
+    string it is and the field's type converts it (``"250"`` -> 250, ``"true"`` -> True).
+
+    Reading every value as YAML would break ordinary strings: ``[::]:8001`` is not YAML,
+    ``gw #1`` loses its ``#1`` as a comment, ``12345`` or ``on`` stop being strings, and
+    ``10:30`` becomes the base-60 integer 630.
+    """
+    if value[:1] in ("[", "{"):
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not a valid value: {value!r}") from exc
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, (list, dict)):
+            return parsed
+    return value
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

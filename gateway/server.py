@@ -258,6 +258,8 @@ class Gateway:
         self._ready = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.routing is not None:  # open WatchRoutes streams would otherwise hold the whole grace period
+            self.routing.end_watches()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -49,6 +49,7 @@ class Routing:
         self.canaries: dict[str, CanaryController] = {}
         self.shadow = ShadowDispatcher(config.server.default_deadline_ms / 1000, clock=clock)
         self._shadowed: set[str] = set()
+        self._admin = None
 
     @property
     def observers(self) -> list[CallObserver]:
@@ -100,9 +101,14 @@ class Routing:
         from gateway._proto.infergate.admin.v1 import admin_pb2_grpc
         from gateway.admin import SERVICE_NAME, RoutingAdminServicer
 
-        servicer = RoutingAdminServicer(pipeline, self._routes, self.store, self.canaries)
-        admin_pb2_grpc.add_RoutingAdminServicer_to_server(servicer, server)
+        self._admin = RoutingAdminServicer(pipeline, self._routes, self.store, self.canaries)
+        admin_pb2_grpc.add_RoutingAdminServicer_to_server(self._admin, server)
         return SERVICE_NAME
+
+    def end_watches(self) -> None:
+        """End open WatchRoutes streams; call when shutdown begins, before the server's grace period."""
+        if self._admin is not None:
+            self._admin.end_watches()
 
     def observe(self, record: CallRecord) -> None:
         model = record.endpoint.name

@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY
 
 from gateway._proto.infergate.admin.v1 import admin_pb2 as pb
 from gateway._proto.infergate.admin.v1.admin_pb2_grpc import RoutingAdminStub
+from gateway.config import parse_config
+from gateway.server import Gateway
 from tests.auth.conftest import auth_block
 from tests.auth.issuer import Issuer
 from tests.conftest import running_gateway
@@ -102,10 +104,28 @@ async def test_watch_routes_sends_the_current_route_then_each_change(model_paths
     assert event.route.revision == first.route.revision + 1
     assert {v.name: v.weight for v in event.route.variants} == {"v1": 1, "v2": 3}
     assert (event.change.action, event.change.reason, event.change.revision) == ("set_weights", "watch me", event.route.revision)
+    assert sample("infergate_route_weight", model="ab", variant="v2") == 3
     assert dict(event.change.new_weights) == {"v1": 1, "v2": 3}
     assert sorted(route.model for route in listed.routes) == ["ab", "echo", "linear"]
     ab = next(route for route in listed.routes if route.model == "ab")
     assert ab.baseline == "v1" and [v.health for v in ab.variants] == ["ok", "ok"] and not ab.canary.enabled
+
+
+async def test_shutdown_ends_watch_streams_instead_of_waiting_out_the_grace_period(model_paths, redis_url):
+    raw = dict(onnx_config(model_paths), redis={"url": redis_url}, server={"listen": "127.0.0.1:0", "metrics_listen": ""})
+    gateway = Gateway(parse_config(raw))
+    await gateway.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        watch = RoutingAdminStub(channel).WatchRoutes(pb.WatchRoutesRequest())
+        assert len([await watch.read() for _ in range(3)]) == 3  # the three current routes
+        started = time.monotonic()
+        await gateway.stop(grace_s=60)
+        took_s = time.monotonic() - started
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await watch.read()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in err.value.details()
+    assert took_s < 30  # far below the 60 s grace an open stream would otherwise hold
 
 
 async def test_without_redis_routes_are_readable_and_changes_fail_precondition(model_paths):
