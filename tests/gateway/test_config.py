@@ -153,7 +153,9 @@ def test_bad_environment_override_exits_2_naming_the_key(tmp_path, model_paths):
     result = run_cli("check-config", str(path), env={"INFERGATE_SERVER__WORKERS": "lots"})
     assert_one_line_config_error(result, ["server.workers"])
     result = run_cli("serve", "--config", str(path), env={"INFERGATE_SERVER__LISTEN": "[unclosed"})
-    assert_one_line_config_error(result, ["INFERGATE_SERVER__LISTEN"])
+    assert_one_line_config_error(result, ["server.listen", "[unclosed"])
+    result = run_cli("check-config", str(path), env={"INFERGATE_BACKENDS__ONNX_CPU__PROVIDERS": "{not: a list}"})
+    assert_one_line_config_error(result, ["backends.onnx_cpu.providers"])
     result = run_cli("check-config", str(path), env={"INFERGATE_MODELS__LINEAR__VARIANTS__V1__WEIGHT": "0"})
     assert_one_line_config_error(result, ["models.linear", "zero"])
 
@@ -232,6 +234,29 @@ def test_environment_overrides_file_values_and_fills_missing_sections(tmp_path):
     assert config.redis.url == "redis://127.0.0.1:6390/2"
     assert config.models["m"].variants["v1"].weight == 7
     assert config.server.listen == "0.0.0.0:8001"  # untouched defaults stay
+
+
+@pytest.mark.parametrize(
+    "name, value, read",
+    [
+        ("INFERGATE_SERVER__LISTEN", "[::]:8001", lambda c: c.server.listen),
+        ("INFERGATE_TELEMETRY__SERVICE_NAME", "gateway #1", lambda c: c.telemetry.service_name),
+        ("INFERGATE_TELEMETRY__SERVICE_NAME", "on", lambda c: c.telemetry.service_name),
+        ("INFERGATE_AUTH__AUDIENCE", "12345", lambda c: c.auth.audience),
+        ("INFERGATE_REDIS__URL", "redis://:p#ss@10.0.0.1:6379/0", lambda c: c.redis.url),
+    ],
+    ids=["ipv6-listen", "hash-sign", "yaml-boolean-word", "digits", "url-with-hash"],
+)
+def test_environment_strings_stay_strings(name, value, read):
+    """Values are not YAML: a string field gets exactly the text of the variable."""
+    assert read(load_config(None, environ={name: value})) == value
+
+
+def test_environment_numbers_and_sexagesimal_lookalikes():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={"INFERGATE_SERVER__DEFAULT_DEADLINE_MS": "10:30"})
+    assert str(err.value).startswith("server.default_deadline_ms:")  # not silently 630 (YAML 1.1 base 60)
+    assert load_config(None, environ={"INFERGATE_SERVER__SHUTDOWN_GRACE_S": "2.5"}).server.shutdown_grace_s == 2.5
 
 
 def test_environment_override_of_an_unknown_key_is_an_error(tmp_path):
