@@ -4,17 +4,18 @@
 and server reflection through untouched, reads ``authorization: Bearer <jwt>``, verifies the token
 (from the verified-token cache when it can), charges the tenant's token bucket, then sets
 ``gateway.identity.current_identity`` and hands over to the real handler. A refused call gets a
-pre-built rejecting handler instead (UNAUTHENTICATED, RESOURCE_EXHAUSTED, or INTERNAL when the
-verifier itself failed), so no servicer code runs for it.
+pre-built refusing handler instead (UNAUTHENTICATED, RESOURCE_EXHAUSTED, or INTERNAL when the
+verifier itself failed), so no servicer code runs for it; ``continuation`` is only asked for the
+method's handler to learn its request shape.
 
 Why the context variable reaches the handler: grpc.aio runs each call in its own task, and that
 task awaits the interceptors and then the handler in the same context, so a ``ContextVar`` set
 here is what the handler reads (``tests/auth/test_interceptor.py`` checks it with concurrent
 callers of different identities, unary and streaming). Tasks the handler creates copy it.
 
-The rejecting handlers are stream-stream handlers that read what the client already sent
-(undecoded, bounded by ``REJECT_DRAIN_MESSAGES`` and ``REJECT_DRAIN_S``) and then abort, which
-answers unary, server-streaming and bidirectional calls alike.
+A unary request is refused by a unary handler (grpc has read the request before it runs); a
+streamed request by a stream handler that first reads what the client sends, undecoded and within
+``REJECT_DRAIN_MESSAGES`` and ``REJECT_DRAIN_S`` (see ``_Refusal`` for why).
 """
 
 from __future__ import annotations
@@ -67,23 +68,37 @@ def bearer_token(metadata) -> str:
     return token
 
 
-def _rejecting_handler(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def reject(request_iterator, context: grpc.aio.ServicerContext) -> None:
-        # Take in what the client sends before ending the call (a bounded amount, undecoded): a
-        # grpc.aio client that writes after the call ended reports INTERNAL "Internal error from
-        # Core" instead of our status (grpc/grpc#36066), which a refused stream would hit.
-        received = 0
-        try:
-            async with asyncio.timeout(REJECT_DRAIN_S):
-                async for _message in request_iterator:
-                    received += 1
-                    if received >= REJECT_DRAIN_MESSAGES:
-                        break
-        except TimeoutError:
-            pass
-        await context.abort(code, message)
+class _Refusal:
+    """Pre-built handlers that end a call with one status, one per request shape."""
 
-    return grpc.stream_stream_rpc_method_handler(reject)
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        async def refuse_unary(request, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(code, message)
+
+        async def refuse_stream(request_iterator, context: grpc.aio.ServicerContext) -> None:
+            # Take in what the client sends before ending the call (bounded, undecoded): a grpc.aio
+            # client that writes after the call ended reports INTERNAL "Internal error from Core"
+            # instead of our status (grpc/grpc#36066), which a refused stream would otherwise hit.
+            received = 0
+            try:
+                async with asyncio.timeout(REJECT_DRAIN_S):
+                    async for _message in request_iterator:
+                        received += 1
+                        if received >= REJECT_DRAIN_MESSAGES:
+                            break
+            except TimeoutError:
+                pass
+            await context.abort(code, message)
+
+        # No deserializers: a refused request is never decoded.
+        self._unary = grpc.unary_unary_rpc_method_handler(refuse_unary)
+        self._stream = grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+    def handler_for(self, method_handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        """The refusing handler shaped like ``method_handler``; None (UNIMPLEMENTED) for an unknown method."""
+        if method_handler is None:
+            return None
+        return self._stream if method_handler.request_streaming else self._unary
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -92,13 +107,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, verifier: TokenVerifier, limiter: TenantRateLimiter | None = None) -> None:
         self._verifier = verifier
         self._limiter = limiter
-        self._rejections = {
-            reason: _rejecting_handler(grpc.StatusCode.UNAUTHENTICATED, reason.value) for reason in Reason
-        }
-        self._rejected = {reason: metrics.AUTH_REJECTIONS.labels(reason.name.lower()) for reason in Reason}
-        self._rate_limited = _rejecting_handler(grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED_MESSAGE)
+        self._refusals = {reason: _Refusal(grpc.StatusCode.UNAUTHENTICATED, reason.value) for reason in Reason}
+        self._refused = {reason: metrics.AUTH_REJECTIONS.labels(reason.name.lower()) for reason in Reason}
+        self._rate_limited = _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED_MESSAGE)
         self._rate_limited_count = metrics.AUTH_REJECTIONS.labels("rate_limited")
-        self._failed = _rejecting_handler(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        self._failed = _Refusal(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     async def intercept_service(
         self,
@@ -112,16 +125,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             token = bearer_token(handler_call_details.invocation_metadata)
             identity = self._verifier.cached(token) or await self._verifier.verify(token)
         except TokenRejected as exc:
-            self._rejected[exc.reason].inc()
+            self._refused[exc.reason].inc()
             log.debug("auth: %s refused: %s", method, exc.reason.name)
-            return self._rejections[exc.reason]
+            return self._refusals[exc.reason].handler_for(await continuation(handler_call_details))
         except Exception as exc:  # a bug must not become UNKNOWN, nor leak token details
             log.error("auth: token verification failed unexpectedly (%s) for %s", type(exc).__name__, method)
-            return self._failed
+            return self._failed.handler_for(await continuation(handler_call_details))
         if self._limiter is not None and not self._limiter.allow(identity.tenant):
             self._rate_limited_count.inc()
             log.debug("auth: %s refused: tenant %s over its rate (subject %s)", method, identity.tenant, identity.subject)
-            return self._rate_limited
+            return self._rate_limited.handler_for(await continuation(handler_call_details))
         current_identity.set(identity)
         return await continuation(handler_call_details)
 
