@@ -276,7 +276,10 @@ class JwksFileSource(KeySource):
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._poll_s)
-            self.reload_if_changed()
+            try:
+                self.reload_if_changed()
+            except Exception:  # keep polling: the previous keys stay in place
+                log.exception("auth: checking %s failed", self._path)
 
 
 def _stamp_of(stat: os.stat_result) -> tuple[int, int, int]:
@@ -367,7 +370,11 @@ class JwksUrlSource(KeySource):
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self._ttl_s if self._last_ok else self._retry_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # keep refreshing: the previous keys stay in place
+                self._last_ok = False
+                log.exception("auth: refreshing the JWKS failed")
 
 
 def _describe(exc: Exception) -> str:
