@@ -91,11 +91,8 @@ def audit_to_pb(record: AuditRecord) -> pb.AuditEntry:
 
 
 def _health(endpoint: ModelEndpoint, name: str) -> str:
-    variant = endpoint.variants[name]
-    available = getattr(variant, "available", None)
-    if available is None:
-        return "unknown"
-    return "ok" if available() else "down"
+    """``ok``, or ``down`` while the model reports not ready or its backend's breaker is open."""
+    return "ok" if endpoint.variants[name].available() else "down"
 
 
 def _admin() -> Identity:
