@@ -8,6 +8,7 @@ convert messages and call into here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -237,6 +238,9 @@ class Pipeline:
                 return result
         except GatewayError as exc:
             code = exc.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the caller went away; not a success, not the backend's fault
             raise
         except Exception as exc:
             code = "INTERNAL"
