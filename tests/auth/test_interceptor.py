@@ -26,6 +26,7 @@ from gateway.auth.logfilter import SubjectLogFilter
 from gateway.auth.verifier import identity_from_claims
 from gateway.identity import current_identity
 from tests.auth.conftest import bearer, gateway_config, row
+from tests.auth.jwks_server import JwksServer
 from tests.conftest import running_gateway
 from tests.support.models import FEATURES
 
@@ -155,3 +156,28 @@ def test_log_lines_name_the_subject_of_the_call_being_served():
 
     assert contextvars.copy_context().run(during_a_call) == "svc-fraud"
     assert subject_of_a_line() == "-"
+
+
+async def test_jwks_url_background_work_ends_with_the_gateway(issuer, model_paths, no_task_leaks):
+    server = JwksServer(issuer.jwks("rsa-1")).start()
+    config = gateway_config(model_paths, jwks_url=server.url, jwks_cache_ttl_s=0.05, jwks_refresh_cooldown_s=0)
+    loop = asyncio.get_running_loop()
+    try:
+        async with running_gateway(config) as gateway:
+            client = aioclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+            try:
+                await client.infer("linear", row(), headers=bearer(issuer.token()))
+                fetched_at_start = server.requests
+                give_up = loop.time() + 30
+                while server.requests <= fetched_at_start + 1 and loop.time() < give_up:
+                    await asyncio.sleep(0.05)  # the TTL refresh runs in the background meanwhile
+                refreshed = server.requests - fetched_at_start
+            finally:
+                await client.close()
+        await asyncio.sleep(0.2)  # a request cancelled at stop may still reach the server's count
+        after_stop = server.requests
+        await asyncio.sleep(0.3)
+    finally:
+        server.stop()
+    assert fetched_at_start >= 1 and refreshed >= 2  # the refresh task ran...
+    assert server.requests == after_stop  # ...and stopped with the gateway (no task left: no_task_leaks)
