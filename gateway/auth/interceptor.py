@@ -178,11 +178,11 @@ class Authenticator:
         """Load the keys; raises ``AuthSetupError`` naming the config key when that cannot work."""
         await self.keys.start()
         log.info(
-            "auth: jwt, algorithms %s, issuer %s, audience %s%s",
+            "auth: jwt, algorithms %s, issuer %s, audience %s, per-tenant limit %s calls/s (0: off)",
             ",".join(self.config.algorithms),
             self.config.issuer,
             self.config.audience,
-            ", %.6g calls/s per tenant" % self.config.rate_limit_per_tenant_rps if self.limiter else "",
+            self.config.rate_limit_per_tenant_rps,
         )
 
     async def close(self) -> None:
