@@ -43,6 +43,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 CaFileOption = Annotated[
     Optional[Path], typer.Option("--ca-file", envvar="INFERGATE_CA_FILE", help="CA of the gateway's TLS certificate (turns TLS on).")
 ]
+CertFileOption = Annotated[
+    Optional[Path], typer.Option("--cert-file", envvar="INFERGATE_CERT_FILE", help="Client certificate (mutual TLS; with --key-file).")
+]
+KeyFileOption = Annotated[
+    Optional[Path], typer.Option("--key-file", envvar="INFERGATE_KEY_FILE", help="Client private key (mutual TLS; with --cert-file).")
+]
 TimeoutOption = Annotated[float, typer.Option("--timeout-s", help="Deadline of each call.")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why; recorded in the audit log.")]
 
@@ -62,12 +68,20 @@ def register(app: typer.Typer) -> None:
 class AdminClient:
     """A blocking RoutingAdmin client; gRPC errors surface as ``grpc.RpcError``."""
 
-    def __init__(self, gateway: str, token: str = "", ca_file: Path | None = None, timeout_s: float = 10.0) -> None:
-        if ca_file is not None:
+    def __init__(
+        self,
+        gateway: str,
+        token: str = "",
+        ca_file: Path | None = None,
+        timeout_s: float = 10.0,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+    ) -> None:
+        if ca_file is not None or cert_file is not None or key_file is not None:
             from gateway.tls import TlsOptionsError, client_tls
 
             try:
-                tls = client_tls(ca_file)
+                tls = client_tls(ca_file, cert_file, key_file)
                 assert tls is not None
                 self._channel = grpc.secure_channel(gateway, tls.channel_credentials())
             except TlsOptionsError as exc:
@@ -97,9 +111,11 @@ class Connection:
     as_json: bool
     ca_file: Path | None
     timeout_s: float
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     def client(self) -> AdminClient:
-        return AdminClient(self.gateway, self.token, self.ca_file, self.timeout_s)
+        return AdminClient(self.gateway, self.token, self.ca_file, self.timeout_s, self.cert_file, self.key_file)
 
     def call(self, method: str, request: Message) -> Any:
         """One unary call; a gRPC error prints its status and exits 1."""
@@ -119,6 +135,8 @@ _CONNECTION_PARAMETERS = [
         ("token", TokenOption, ""),
         ("as_json", JsonOption, False),
         ("ca_file", CaFileOption, None),
+        ("cert_file", CertFileOption, None),
+        ("key_file", KeyFileOption, None),
         ("timeout_s", TimeoutOption, 10.0),
     )
 ]

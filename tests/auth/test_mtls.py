@@ -89,3 +89,22 @@ def test_client_tls_options_are_checked(pki, tmp_path):
         with pytest.raises(TlsOptionsError) as err:
             client_tls(**options)
         assert expected in str(err.value), options
+
+
+def test_admin_cli_over_mutual_tls(gateway_process, pki, model_paths):
+    import json
+    import subprocess
+    import sys
+
+    config = dict(onnx_config(model_paths), server=tls_server(pki, mutual=True))
+    process = gateway_process(config, "mtls-admin")
+    base = [sys.executable, "-m", "gateway.cli", "routes", "--gateway", process.url, "--json", "--ca-file", str(pki.ca),
+            "--timeout-s", "10"]
+    admitted = subprocess.run(base + ["--cert-file", str(pki.client_cert), "--key-file", str(pki.client_key)],
+                              capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    half = subprocess.run(base + ["--cert-file", str(pki.client_cert)], capture_output=True, text=True, timeout=60)
+    assert admitted.returncode == 0, admitted.stderr
+    assert {route["model"] for route in json.loads(admitted.stdout)["routes"]} == {"linear", "ab", "echo"}
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+    assert half.returncode == 2 and "--key-file" in half.stderr and "Traceback" not in half.stderr
