@@ -50,6 +50,31 @@ class StartupError(Exception):
     """The gateway cannot start with this config and these backends (exit code 1)."""
 
 
+class DrainingHealthServicer(health.aio.HealthServicer):
+    """grpc's asyncio health servicer, except that a Watch stream ends once shutdown has begun.
+
+    By then the watcher has been sent NOT_SERVING; left open (gRPC client-side health checking keeps
+    one per connection), its stream would hold ``server.stop(grace)`` for the whole grace period.
+    The loop is the base class's, with the exit added; it uses the base's state attributes.
+    """
+
+    async def Watch(self, request, context):
+        condition = self._server_watchers[request.service]
+        last_status = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last_status:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last_status = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._server_watchers.pop(request.service, None)
+
+
 def build_backend(name: str, config, clock: Callable[[], float] = time.monotonic) -> Backend:
     if config.kind == "onnx":
         return OnnxBackend(name, config, clock)
@@ -85,7 +110,8 @@ class Gateway:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._servicer: InferenceServicer | None = None
+        self._health: DrainingHealthServicer | None = None
         self._ready = False
         self.tracing = Tracing(config.telemetry)
         self.feature_store: FeatureStore | None = None
@@ -207,13 +233,11 @@ class Gateway:
             maximum_concurrent_rpcs=self.config.server.max_concurrent_rpcs,
         )
         assert self.pipeline is not None
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing
-            ),
-            server,
+        self._servicer = InferenceServicer(
+            self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing
         )
-        self._health = health.aio.HealthServicer()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        self._health = DrainingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         services.extend(self.extra_services(server))
@@ -261,7 +285,13 @@ class Gateway:
         if self.routing is not None:  # open WatchRoutes streams would otherwise hold the whole grace period
             self.routing.end_watches()
         if self._server is not None:
-            await self._server.stop(grace)
+            # Drain first: the server still accepts calls and the servicer refuses new inference
+            # with UNAVAILABLE while in-flight ones finish. Stopping the server at once would cut
+            # off calls it had received but not yet handed to the servicer (clients see CANCELLED).
+            drain_started = time.monotonic()
+            if self._servicer is not None:
+                await self._servicer.drain(grace)
+            await self._server.stop(max(0.0, grace - (time.monotonic() - drain_started)))
             self._server = None
         self.tracing.shutdown()
         if self.routing is not None:  # before backends close: shadow copies use them

@@ -24,7 +24,15 @@ from gateway.converters import (
     encode_model_config,
     encode_model_metadata,
 )
-from gateway.errors import DeadlineExceeded, GatewayError, Internal, NotFound, PermissionDenied, Unimplemented
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    Internal,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    Unimplemented,
+)
 from gateway.config import TelemetryConfig
 from gateway.identity import current_identity
 from gateway.telemetry import Tracing, mark_error
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 
 STREAM_MAX_IN_FLIGHT = 256
 """Requests of one stream processed at once; the stream reader waits beyond it."""
+DRAIN_QUIET_S = 0.25
+"""On shutdown, the quiet time (no call finished or refused) the drain waits for before the server stops."""
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -95,6 +105,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._tracing = tracing or Tracing(TelemetryConfig())
         self._default_deadline_s = default_deadline_ms / 1000
         self._is_ready = is_ready
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None  # created by drain(), inside the loop
+        self._last_activity = float("-inf")
+        """When an inference call last finished or was refused (time.monotonic)."""
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no inference call is in progress and callers have gone quiet (at most
+        ``timeout_s``); True when no call was left in progress.
+
+        The caller has made ``is_ready`` false first, so new calls are already refused with
+        UNAVAILABLE by this servicer while the server still accepts them. Stopping the server cuts
+        off calls it has received but not yet handed to a servicer (their callers see CANCELLED), so
+        the drain also waits until ``DRAIN_QUIET_S`` have passed since a call last finished or was
+        refused: callers that answer a finished call with a new one hear UNAVAILABLE from here.
+        """
+        deadline = time.monotonic() + timeout_s
+        if self._in_flight:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except TimeoutError:
+                log.warning("%d inference call(s) still in progress after %.1fs of drain", self._in_flight, timeout_s)
+                return False
+        while True:
+            now = time.monotonic()
+            quiet_s = now - self._last_activity
+            if quiet_s >= DRAIN_QUIET_S or now >= deadline:
+                return True
+            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_s, deadline - now))
 
     # -- health and metadata -------------------------------------------------------------------
 
@@ -203,6 +242,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.gather(reader, *tasks, return_exceptions=True)
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        """One inference request (unary, or one of a stream), counted for the drain."""
+        if not self._is_ready():
+            self._last_activity = time.monotonic()
+            raise Unavailable("the gateway is not serving (shutting down or starting); try another replica")
+        self._in_flight += 1
+        try:
+            return await self._infer_admitted(request, context)
+        finally:
+            self._in_flight -= 1
+            self._last_activity = time.monotonic()
+            if self._in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def _infer_admitted(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         metadata = invocation_metadata(context)
         with self._tracing.server_span("infergate/ModelInfer", metadata, {"infergate.model": request.model_name}) as span:
             try:

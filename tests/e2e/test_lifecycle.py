@@ -103,7 +103,9 @@ async def test_sigterm_during_load_answers_or_refuses_every_call(gateway_process
         # Health turns NOT_SERVING at once (the Watch stream is a call in flight, so it hears it).
         shutting = await asyncio.wait_for(watch.read(), CLIENT_TIMEOUT_S)
         assert shutting.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        watch.cancel()  # a watcher must not hold the drain open until the grace runs out
+        # ...and then the Watch ends cleanly: an open watcher must not hold the drain for the whole grace.
+        assert await asyncio.wait_for(watch.read(), GRACE_S) is grpc.aio.EOF
+        assert await watch.code() == grpc.StatusCode.OK
 
         # None hangs: every caller ends (refused) well within its own client timeout.
         await asyncio.wait_for(asyncio.gather(*tasks), GRACE_S + EXIT_MARGIN_S)
@@ -211,8 +213,8 @@ async def test_in_process_gateway_leaves_no_tasks_or_threads(onnx_gateway_config
     await asyncio.to_thread(wait_until, onnx_threads_gone, 30.0, 0.05, "ONNX pool threads to exit")
 
 
-async def test_stop_turns_health_not_serving_for_new_checks(onnx_gateway_config, no_task_leaks):
-    """In process: once stop() begins the gateway reports not ready; a watcher hears NOT_SERVING."""
+async def test_stop_turns_health_not_serving_and_ends_watch_streams(onnx_gateway_config, no_task_leaks):
+    """In process: once stop() begins a watcher hears NOT_SERVING, then its stream ends with OK."""
     async with running_gateway(onnx_gateway_config) as gateway:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
         try:
@@ -220,7 +222,9 @@ async def test_stop_turns_health_not_serving_for_new_checks(onnx_gateway_config,
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             stopping = asyncio.create_task(gateway.stop(GRACE_S))
             assert (await asyncio.wait_for(watch.read(), CLIENT_TIMEOUT_S)).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            watch.cancel()
+            assert await asyncio.wait_for(watch.read(), GRACE_S) is grpc.aio.EOF
+            assert await watch.code() == grpc.StatusCode.OK
+            # With the watcher gone nothing is in flight: stop() returns without waiting out the grace.
             await asyncio.wait_for(stopping, GRACE_S + EXIT_MARGIN_S)
         finally:
             await channel.close()
