@@ -3,13 +3,15 @@
 What a client may see when the gateway is told to stop (SIGTERM) while it serves:
 - a call the gateway had already taken in is finished within ``server.shutdown_grace_s`` and
   answered normally (the grace here is far longer than any call takes, so none is cut off);
-- a call that arrives after the stop began is refused with UNAVAILABLE: the gRPC server stops
-  accepting calls, and once its listener is closed or the process has exited the client's channel
-  reports UNAVAILABLE too (connection refused or reset). UNAVAILABLE is the retryable code, which
-  is what a client behind a load balancer needs to try another replica.
-CANCELLED would mean a call was cut off when the grace ran out, and DEADLINE_EXCEEDED a call that
-hung until the client gave up; with a 15 s grace and a 0.5 s model neither may happen, so both
-fail the test, as does any other code.
+- a call that arrives after the stop began is refused with UNAVAILABLE. During the drain the
+  server still accepts calls and the inference servicer refuses them itself; once the drain is
+  over and the server stops, or the process has exited, the client's channel reports UNAVAILABLE
+  (GOAWAY, connection refused or reset). UNAVAILABLE is the retryable code: it tells a client, or
+  the load balancer in front, to try another replica.
+CANCELLED is what gRPC gives calls the server had received but not yet handed to a servicer when
+it stops; the drain (refuse, wait for in-flight calls, wait for callers to go quiet, then stop)
+exists so that callers do not see it, and DEADLINE_EXCEEDED would be a call that hung until the
+client gave up. Both fail the test, as does any other code.
 """
 
 from __future__ import annotations
