@@ -71,7 +71,13 @@ async def run_demo(redis_url: str = "", serve_after: bool = False, port: int = 0
             return 1
         try:
             console.print(f"Gateway: listening on 127.0.0.1:{gateway.port} (model 'classifier', variants v1=90 v2=10)")
-            ok = await _sample_calls(console, f"127.0.0.1:{gateway.port}", models)
+            url = f"127.0.0.1:{gateway.port}"
+            rng = np.random.default_rng(7)
+            await _print_metadata(console, url)
+            ok = await _sample_calls(console, url, models, "Sample calls through the gateway (tritonclient.grpc.aio)", SAMPLE_CALLS, rng)
+            if redis_url:
+                await _shift_traffic(console, url)
+                ok &= await _sample_calls(console, url, models, "After the weight change", 4, rng)
             if serve_after:
                 console.print("Serving until Ctrl-C. Try: python -c \"import tritonclient.grpc as g; "
                               f"print(g.InferenceServerClient('127.0.0.1:{gateway.port}').get_model_metadata('classifier'))\"")
@@ -86,20 +92,20 @@ async def run_demo(redis_url: str = "", serve_after: bool = False, port: int = 0
                 redis.stop()
 
 
-async def _sample_calls(console: Console, url: str, models: dict[str, LinearClassifier]) -> bool:
+async def _sample_calls(
+    console: Console, url: str, models: dict[str, LinearClassifier], title: str, count: int, rng: np.random.Generator
+) -> bool:
+    """``count`` calls with tritonclient.grpc.aio, printed as a table; True when all match numpy."""
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.grpc import InferInput, InferRequestedOutput
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        metadata = await client.get_model_metadata("classifier", as_json=True)
-        console.print(f"Model metadata: inputs {[(i['name'], i['datatype'], i['shape']) for i in metadata['inputs']]}")
-        rng = np.random.default_rng(7)
-        table = Table(title="Sample calls through the gateway (tritonclient.grpc.aio)")
+        table = Table(title=title)
         for column in ("call", "variant", "top class", "probabilities", "matches numpy"):
             table.add_column(column)
         all_match = True
-        for call in range(SAMPLE_CALLS):
+        for call in range(count):
             row = rng.normal(size=(1, 16)).astype(np.float32)
             tensor = InferInput("INPUT", list(row.shape), "FP32")
             tensor.set_data_from_numpy(row)
@@ -116,3 +122,44 @@ async def _sample_calls(console: Console, url: str, models: dict[str, LinearClas
         return all_match
     finally:
         await client.close()
+
+
+async def _print_metadata(console: Console, url: str) -> None:
+    import tritonclient.grpc.aio as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        metadata = await client.get_model_metadata("classifier", as_json=True)
+        console.print(f"Model metadata: inputs {[(i['name'], i['datatype'], i['shape']) for i in metadata['inputs']]}")
+    finally:
+        await client.close()
+
+
+async def _shift_traffic(console: Console, url: str) -> None:
+    """What an SRE does with ``infergate canary set``: all traffic to v2, through the admin API."""
+    import grpc
+
+    from gateway._proto.infergate.admin.v1 import admin_pb2 as admin
+    from gateway._proto.infergate.admin.v1 import admin_pb2_grpc as admin_grpc
+
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = admin_grpc.RoutingAdminStub(channel)
+        before = (await stub.GetRoute(admin.GetRouteRequest(model="classifier"))).route
+        changed = await stub.SetWeights(
+            admin.SetWeightsRequest(
+                model="classifier",
+                weights={"v1": 0, "v2": 100},
+                expected_revision=before.revision,
+                reason="demo: send every call to v2",
+            )
+        )
+        console.print(
+            f"Admin: SetWeights v1=0 v2=100 at revision {before.revision} -> revision {changed.route.revision} "
+            "(stored in Redis and published to every replica; `infergate canary set classifier v1=0 v2=100` does the same)"
+        )
+        audit = await stub.GetAuditLog(admin.GetAuditLogRequest(model="classifier", limit=1))
+        for entry in audit.entries:
+            console.print(
+                f"Audit: {entry.action} by {entry.subject or 'anonymous'}: {dict(entry.old_weights)} -> "
+                f"{dict(entry.new_weights)} ({entry.reason})"
+            )
