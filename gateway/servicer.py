@@ -42,8 +42,12 @@ log = logging.getLogger(__name__)
 
 STREAM_MAX_IN_FLIGHT = 256
 """Requests of one stream processed at once; the stream reader waits beyond it."""
-DRAIN_QUIET_S = 0.25
-"""On shutdown, the quiet time (no call finished or refused) the drain waits for before the server stops."""
+DRAIN_QUIET_S = 0.5
+"""On shutdown, the quiet time (no call finished or refused) the drain waits for before the server stops.
+
+A caller answered during the drain that sends its next call within this time hears UNAVAILABLE from
+the servicer; one that sends it later, after the server has begun to stop, can meet a transport
+race. 0.5 s leaves room for a busy client on a loaded machine and delays an idle stop not at all."""
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
