@@ -180,6 +180,7 @@ class ResilientBackend(Backend):
         self.max_inflight = max_inflight
         self.retry = retry
         self._slots: asyncio.Semaphore | None = None
+        self._duration = metrics.BACKEND_DURATION.labels(inner.name)
 
     @property
     def kind(self) -> str:
@@ -250,7 +251,7 @@ class ResilientBackend(Backend):
                 raise
             finally:
                 self._slots.release()
-                metrics.BACKEND_DURATION.labels(self.name).observe(time.perf_counter() - started)
+                self._duration.observe(time.perf_counter() - started)
             verdict = self.breaker.record_success
             return answer
         finally:
@@ -261,6 +262,9 @@ async def _acquire_before(semaphore: asyncio.Semaphore, timeout_s: float, what: 
     """Acquire ``semaphore`` within ``timeout_s`` or raise DeadlineExceeded."""
     if timeout_s <= 0:
         raise DeadlineExceeded(f"deadline passed before {what}")
+    if not semaphore.locked():  # a free slot: taken without suspending, no timer needed
+        await semaphore.acquire()
+        return
     try:
         async with asyncio.timeout(timeout_s):
             await semaphore.acquire()
