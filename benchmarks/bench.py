@@ -19,6 +19,7 @@ import datetime
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,8 +121,26 @@ async def measure(
     input_name: str,
     ssl: dict | None = None,
     echo=print,
-) -> list[dict]:
-    """Every target at every level, targets interleaved within a level; one result row per run."""
+    rounds: int = 1,
+) -> list[list[dict]]:
+    """Every target at every level, targets interleaved within a level; one list of rows per round.
+
+    Each round rotates the order of the targets, so that over rounds every target runs first,
+    second... equally often: on a shared machine the position in a level matters.
+    """
+    per_round = []
+    for round_index in range(rounds):
+        shift = round_index % len(targets)
+        order = targets[shift:] + targets[:shift]
+        if rounds > 1:
+            echo(f"round {round_index + 1} of {rounds}: {', '.join(t.name for t in order)}")
+        per_round.append(
+            await _measure_round(order, levels, duration_s, warmup_s, headers, features, input_name, ssl, echo)
+        )
+    return per_round
+
+
+async def _measure_round(targets, levels, duration_s, warmup_s, headers, features, input_name, ssl, echo) -> list[dict]:
     from benchmarks.loadgen import run_load, single_row_inputs
 
     rows = []
@@ -180,6 +199,49 @@ def _ratio(value: float, reference: float) -> float | None:
     return round(value / reference, 3) if reference else None
 
 
+_MEDIAN_FIELDS = ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms")
+_RATIO_FIELDS = ("rps_ratio", "p50_ratio", "p99_ratio")
+
+
+def combine_rounds(per_round: list[list[dict]], pairs: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+    """One row per target and level (medians over rounds, errors summed) and the median of the
+    per-round ratios: each ratio is taken inside one round, where both sides shared the machine."""
+    keyed: dict[tuple, list[dict]] = {}
+    for rows in per_round:
+        for row in rows:
+            keyed.setdefault((row["target"], row["concurrency"], row["rate"]), []).append(row)
+    combined = []
+    for runs in keyed.values():
+        row = dict(runs[0])
+        for field in _MEDIAN_FIELDS:
+            row[field] = round(statistics.median(r[field] for r in runs), 3)
+        row["errors"] = sum(r["errors"] for r in runs)
+        codes: dict[str, int] = {}
+        for r in runs:
+            for code, count in r["error_codes"].items():
+                codes[code] = codes.get(code, 0) + count
+        row["error_codes"] = codes
+        row["requests"] = sum(r.get("requests", 0) for r in runs)
+        row["rounds"] = len(runs)
+        row["rps_by_round"] = [r["rps"] for r in runs]
+        combined.append(row)
+    combined.sort(key=lambda r: (r["concurrency"], r["rate"]))
+    ratio_runs: dict[tuple, list[dict]] = {}
+    for rows in per_round:
+        for ratio in ratios(rows, pairs):
+            ratio_runs.setdefault((ratio["target"], ratio["baseline"], ratio["concurrency"], ratio["rate"]), []).append(ratio)
+    compared = []
+    for runs in ratio_runs.values():
+        ratio = dict(runs[0])
+        for field in _RATIO_FIELDS:
+            values = [r[field] for r in runs if r[field] is not None]
+            ratio[field] = round(statistics.median(values), 3) if values else None
+        ratio["rps_ratio_by_round"] = [r["rps_ratio"] for r in runs]
+        compared.append(ratio)
+    compared.sort(key=lambda r: (r["concurrency"], r["rate"]))
+    return combined, compared
+
+
 def bench_command(
     target: list[str] = typer.Option([], "--target", help="NAME=HOST:PORT of a running server (repeatable)."),
     scenario: str = typer.Option("", help="Start the servers of a scenario instead: 'serving'."),
@@ -198,6 +260,7 @@ def bench_command(
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="TLS to --target servers: the CA that signed them."),
     cert_file: Optional[Path] = typer.Option(None, "--cert-file", help="Client certificate for mutual TLS..."),
     key_file: Optional[Path] = typer.Option(None, "--key-file", help="...and its private key."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Repeat every level this often, rotating the target order; report medians."),
 ) -> None:
     """Measure requests/s and latency percentiles of targets side by side; write results, report, plot."""
     targets = [parse_target(t, model) for t in target]
@@ -217,16 +280,17 @@ def bench_command(
         "revision": source_revision(),
         "duration_s": duration_s,
         "warmup_s": warmup_s,
+        "rounds": rounds,
     }
 
     def run(targets: list[Target]) -> tuple[list[dict], list[dict]]:
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise typer.BadParameter(f"target names repeat: {names}", param_hint="--target")
-        rows = asyncio.run(
-            measure(targets, levels, duration_s, warmup_s, headers, features, input_name, ssl, typer.echo)
+        per_round = asyncio.run(
+            measure(targets, levels, duration_s, warmup_s, headers, features, input_name, ssl, typer.echo, rounds)
         )
-        return rows, ratios(rows, comparisons(targets, baseline))
+        return combine_rounds(per_round, comparisons(targets, baseline))
 
     if scenario:
         from benchmarks.scenarios import SCENARIOS, start_scenario

@@ -72,7 +72,13 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict]) -> str:
         f"- command: `{meta['command']}`",
         f"- source: {meta.get('revision') or 'unknown'}",
         f"- each target and level: {meta['warmup_s']:g} s warm-up, then {meta['duration_s']:g} s measured; "
-        "targets interleaved within each level\n",
+        "targets interleaved within each level"
+        + (
+            f"; {meta['rounds']} rounds with the target order rotated, each cell the median over rounds "
+            "and each ratio the median of the ratios taken within one round\n"
+            if meta.get("rounds", 1) > 1
+            else "\n"
+        ),
         "## Results\n",
         results_table(rows),
     ]

@@ -98,3 +98,32 @@ def test_tls_options_reach_a_mutual_tls_gateway(tmp_path, gateway_process):
     assert server_only.returncode == 1, server_only.stdout + server_only.stderr
     [refused] = json.loads((tmp_path / "server-only" / "results.json").read_text())["results"]
     assert refused["rps"] == 0 and refused["errors"] > 0 and set(refused["error_codes"]) == {"UNAVAILABLE"}
+
+
+def test_rounds_rotate_the_target_order_and_report_medians(tmp_path):
+    from benchmarks.scenarios import CeilingProcess
+
+    servers = [CeilingProcess(tmp_path / name).start() for name in ("a", "b")]
+    try:
+        out = tmp_path / "bench"
+        argv = [str(INFERGATE), "bench", "--target", f"first={servers[0].url}", "--target", f"second={servers[1].url}",
+                "--baseline", "first", "--concurrency", "2", "--rounds", "3", "--duration-s", "0.4", "--warmup-s", "0.1",
+                "--out", str(out)]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    finally:
+        for server in servers:
+            server.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    orders = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert orders == ["first, second", "second, first", "first, second"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["rounds"] == 3
+    rows = {r["target"]: r for r in results["results"]}
+    for row in rows.values():
+        assert row["rounds"] == 3 and len(row["rps_by_round"]) == 3
+        assert row["rps"] == sorted(row["rps_by_round"])[1]  # the median of three
+    [ratio] = results["ratios"]
+    per_round = [s / f for s, f in zip(rows["second"]["rps_by_round"], rows["first"]["rps_by_round"])]
+    assert ratio["rps_ratio_by_round"] == [round(r, 3) for r in per_round]
+    assert ratio["rps_ratio"] == sorted(ratio["rps_ratio_by_round"])[1]
+    assert "3 rounds with the target order rotated" in (out / "report.md").read_text()
