@@ -10,6 +10,7 @@ served it, checked against a numpy reference of the same weights.
 from __future__ import annotations
 
 import asyncio
+import signal
 import tempfile
 from pathlib import Path
 
@@ -44,18 +45,42 @@ def demo_config(model_dir: Path, port: int, redis_url: str) -> dict:
 
 
 async def run_demo(redis_url: str = "", serve_after: bool = False, port: int = 0) -> int:
+    """Run the demo; 0 when every answer matched numpy. SIGTERM or Ctrl-C stop it cleanly."""
     console = Console()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     redis: LocalRedis | None = None
-    if not redis_url:
-        if LocalRedis.available():
-            redis = LocalRedis().start()
-            redis_url = redis.url
-            console.print(f"Redis: started a local redis-server at {redis_url}")
+    try:
+        if not redis_url:
+            if LocalRedis.available():
+                redis = LocalRedis().start()
+                redis_url = redis.url
+                console.print(f"Redis: started a local redis-server at {redis_url}")
+            else:
+                console.print("Redis: no URL given and no redis-server installed; running without Redis "
+                              "(routes come from the config only, no shared state).")
         else:
-            console.print("Redis: no URL given and no redis-server installed; running without Redis "
-                          "(routes come from the config only, no shared state).")
-    else:
-        console.print(f"Redis: using {redis_url}")
+            console.print(f"Redis: using {redis_url}")
+        demo = asyncio.ensure_future(_run(console, redis_url, serve_after, port))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({demo, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not demo.done():  # a signal: let the demo's own cleanup run (gateway stop, temp files)
+            demo.cancel()
+            await asyncio.gather(demo, return_exceptions=True)
+            console.print("stopped")
+            return 0 if serve_after else 1
+        stopped.cancel()
+        return demo.result()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if redis is not None:
+            redis.stop()
+
+
+async def _run(console: Console, redis_url: str, serve_after: bool, port: int) -> int:
     with tempfile.TemporaryDirectory(prefix="infergate-demo-") as tmp:
         models = {
             "v1": LinearClassifier.random(seed=1),
@@ -65,11 +90,11 @@ async def run_demo(redis_url: str = "", serve_after: bool = False, port: int = 0
             model.save(Path(tmp) / f"classifier_{name}.onnx")
         gateway = Gateway(parse_config(demo_config(Path(tmp), port, redis_url)))
         try:
-            await gateway.start()
-        except StartupError as exc:
-            console.print(f"[red]cannot start the gateway: {exc}[/red]")
-            return 1
-        try:
+            try:
+                await gateway.start()
+            except StartupError as exc:
+                console.print(f"[red]cannot start the gateway: {exc}[/red]")
+                return 1
             console.print(f"Gateway: listening on 127.0.0.1:{gateway.port} (model 'classifier', variants v1=90 v2=10)")
             url = f"127.0.0.1:{gateway.port}"
             rng = np.random.default_rng(7)
@@ -79,17 +104,12 @@ async def run_demo(redis_url: str = "", serve_after: bool = False, port: int = 0
                 await _shift_traffic(console, url)
                 ok &= await _sample_calls(console, url, models, "After the weight change", 4, rng)
             if serve_after:
-                console.print("Serving until Ctrl-C. Try: python -c \"import tritonclient.grpc as g; "
+                console.print("Serving until Ctrl-C or SIGTERM. Try: python -c \"import tritonclient.grpc as g; "
                               f"print(g.InferenceServerClient('127.0.0.1:{gateway.port}').get_model_metadata('classifier'))\"")
-                try:
-                    await asyncio.Event().wait()
-                except (KeyboardInterrupt, asyncio.CancelledError):
-                    pass
+                await asyncio.Event().wait()
             return 0 if ok else 1
         finally:
             await gateway.stop(1.0)
-            if redis is not None:
-                redis.stop()
 
 
 async def _sample_calls(

@@ -38,3 +38,31 @@ def test_demo_without_redis_says_so_and_still_serves():
     rows = [line for line in done.stdout.splitlines() if line.startswith("│") and "yes" in line]
     assert len(rows) == 12
     assert "After the weight change" not in done.stdout
+
+
+def test_demo_serve_stops_cleanly_on_sigterm_and_leaves_no_redis():
+    import re
+    import signal
+    import socket
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "demo", "--serve"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"))
+    lines = []
+    try:
+        deadline = time.monotonic() + DEMO_TIMEOUT_S
+        for line in process.stdout:
+            lines.append(line)
+            if "Serving until" in line or time.monotonic() > deadline:
+                break
+        output = "".join(lines)
+        assert "Serving until" in output, output
+        redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)", output).group(1))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    with socket.socket() as sock:  # the demo's redis-server is gone with it
+        assert sock.connect_ex(("127.0.0.1", redis_port)) != 0
