@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 from pathlib import Path
@@ -70,6 +71,16 @@ def serve(
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    # Supervise: a worker that dies on its own (a start-up error, a crash) takes the others down,
+    # so the process manager above sees one failed service rather than a silently smaller one.
+    stopping = False
+    while any(process.is_alive() for process in processes):
+        multiprocessing.connection.wait([p.sentinel for p in processes if p.is_alive()], timeout=1.0)
+        failed = [p for p in processes if not p.is_alive() and p.exitcode not in (0, None)]
+        if failed and not stopping:
+            stopping = True
+            typer.echo(f"infergate: worker exited with code {failed[0].exitcode}; stopping the others", err=True)
+            forward(signal.SIGTERM, None)
     for process in processes:
         process.join()
     raise typer.Exit(max((p.exitcode or 0) for p in processes))

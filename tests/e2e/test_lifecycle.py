@@ -231,3 +231,31 @@ async def test_stop_turns_health_not_serving_and_ends_watch_streams(onnx_gateway
         finally:
             await channel.close()
     assert not gateway.ready
+
+
+def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path, onnx_gateway_config):
+    """workers: 2 with worker 1's metrics port taken: the service fails as a whole, it does not run at half size."""
+    import socket
+    import subprocess
+    import sys
+
+    from gateway.local_redis import free_port
+
+    base = free_port()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        blocker.bind(("127.0.0.1", base + 1))
+        blocker.listen()
+        config = dict(onnx_gateway_config, server={"workers": 2, "listen": f"127.0.0.1:{free_port()}",
+                                                   "metrics_listen": f"127.0.0.1:{base}", "shutdown_grace_s": 2})
+        path = tmp_path / "workers.yaml"
+        path.write_text(yaml.safe_dump(config))
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+                              capture_output=True, text=True, timeout=GRACE_S + EXIT_MARGIN_S)
+    finally:
+        blocker.close()
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "worker exited with code 1; stopping the others" in output
+    assert "Traceback" not in output
