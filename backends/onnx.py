@@ -134,7 +134,7 @@ class OnnxBackend(Backend):
             return session.run(outputs, feeds, run_options)
         except Exception as exc:
             message = str(exc).splitlines()[0][:300]
-            if "INVALID_ARGUMENT" in type(exc).__name__.upper() or "InvalidArgument" in type(exc).__name__:
+            if type(exc).__name__ == "InvalidArgument":  # onnxruntime's pybind exception for bad feeds
                 raise InvalidArgument(f"model rejected the input: {message}") from exc
             raise Internal(f"ONNX Runtime failed: {message}") from exc
 
