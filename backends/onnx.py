@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from backends.base import Backend, ModelSignature, TensorSpec
-from gateway.config import OnnxBackendConfig
-from gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from infergate.backends.base import Backend, ModelSignature, TensorSpec
+from infergate.gateway.config import OnnxBackendConfig
+from infergate.gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 

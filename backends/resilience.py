@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.base import Backend, ModelSignature
-from gateway import metrics
-from gateway.config import BreakerConfig
-from gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError
+from infergate.backends.base import Backend, ModelSignature
+from infergate.gateway import metrics
+from infergate.gateway.config import BreakerConfig
+from infergate.gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError
 
 log = logging.getLogger(__name__)
 

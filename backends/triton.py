@@ -17,10 +17,10 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from backends.base import Backend, ModelSignature, TensorSpec
-from backends.datatypes import triton_datatype
-from gateway.config import TritonBackendConfig
-from gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Internal, error_for_status
+from infergate.backends.base import Backend, ModelSignature, TensorSpec
+from infergate.backends.datatypes import triton_datatype
+from infergate.gateway.config import TritonBackendConfig
+from infergate.gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Internal, error_for_status
 
 _STATUS_BY_NAME = {str(code): code for code in grpc.StatusCode}
 _READY_TIMEOUT_S = 1.0

@@ -1,6 +1,6 @@
 """What auth costs per call, and whether one tenant's flood reaches another tenant.
 
-    python -m benchmarks.auth_overhead --out benchmarks/results/auth
+    python -m infergate.benchmarks.auth_overhead --out benchmarks/results/auth
 
 1. **In process**: the interceptor's warm path (``intercept_service`` for a repeat caller: bearer
    parsing, verified-token cache hit, tenant bucket, context variable); one full RS256
@@ -43,9 +43,9 @@ if str(ROOT) not in sys.path:  # tests/support lives in the checkout, beside thi
 
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
-from benchmarks.loadgen import run_load, single_row_inputs  # noqa: E402
-from gateway.auth.tokens import mint_token, public_jwks  # noqa: E402
-from gateway.demo_models import LinearClassifier  # noqa: E402
+from infergate.benchmarks.loadgen import run_load, single_row_inputs  # noqa: E402
+from infergate.gateway.auth.tokens import mint_token, public_jwks  # noqa: E402
+from infergate.gateway.demo_models import LinearClassifier  # noqa: E402
 from tests.support.processes import GatewayProcess  # noqa: E402
 
 MODEL = "classifier"
@@ -80,8 +80,8 @@ def warm_path_cost_us(key, jwks_path: Path, calls: int = 100_000) -> dict:
     verification; no server involved, best of three."""
     from types import SimpleNamespace
 
-    from gateway.auth import Authenticator, bearer_token
-    from gateway.config import AuthConfig
+    from infergate.gateway.auth import Authenticator, bearer_token
+    from infergate.gateway.config import AuthConfig
 
     async def measure() -> dict:
         auth = Authenticator(AuthConfig(**jwt_auth(jwks_path, rate_limit_per_tenant_rps=1e9, tenant_claim="tenant")))
@@ -132,10 +132,10 @@ async def trivial_call_cpu_us(model_path: Path, jwks_path: Path, token: str, cal
     ``repeats``, gateways alternating."""
     import grpc
 
-    from gateway._proto.inference import grpc_service_pb2 as pb
-    from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-    from gateway.config import parse_config
-    from gateway.server import Gateway
+    from infergate.gateway._proto.inference import grpc_service_pb2 as pb
+    from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+    from infergate.gateway.config import parse_config
+    from infergate.gateway.server import Gateway
 
     class PassThrough(grpc.aio.ServerInterceptor):
         async def intercept_service(self, continuation, handler_call_details):
@@ -306,7 +306,7 @@ def main() -> int:
     results = {
         "machine": args.machine,
         "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python", "-m", "benchmarks.auth_overhead", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "infergate.benchmarks.auth_overhead", *sys.argv[1:]]),
         "in_process": in_process,
         "summary": summary,
         "tenants": {"limit_rps": TENANT_LIMIT_RPS, "flood_rps": args.flood_rps, "rows": tenants},

@@ -1,6 +1,6 @@
 """Dynamic batching: throughput and p99 against ``max_batch_size`` and ``max_delay_us``, batching off beside.
 
-    python -m benchmarks.batching_sweep --out benchmarks/results/batching
+    python -m infergate.benchmarks.batching_sweep --out benchmarks/results/batching
 
 One ``infergate serve`` process hosts one model per configuration, for both backends: ONNX Runtime
 in the gateway (CPU) and a real Triton (nvidia-pytriton's binary, ``linear_v1``, started here in
@@ -34,8 +34,8 @@ if str(ROOT) not in sys.path:  # tests/support lives in the checkout, beside thi
 import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from benchmarks.loadgen import run_load, single_row_inputs  # noqa: E402
-from gateway.demo_models import LinearClassifier  # noqa: E402
+from infergate.benchmarks.loadgen import run_load, single_row_inputs  # noqa: E402
+from infergate.gateway.demo_models import LinearClassifier  # noqa: E402
 from tests.support.processes import GatewayProcess, TritonProcess  # noqa: E402
 
 BATCH_SIZES = (8, 32, 64)
@@ -208,7 +208,7 @@ def main() -> int:
     meta = {
         "machine": args.machine,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.batching_sweep", *sys.argv[1:]]),
+        "command": " ".join(["python -m infergate.benchmarks.batching_sweep", *sys.argv[1:]]),
         "concurrency": args.concurrency,
         "duration_s": args.duration_s,
         "warmup_s": args.warmup_s,

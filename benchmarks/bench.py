@@ -78,7 +78,7 @@ def tls_kwargs(ca_file: Path | None, cert_file: Path | None, key_file: Path | No
         return None
     if scenario:
         raise typer.BadParameter("TLS options are for --target servers; a scenario's servers are plaintext", param_hint="--ca-file")
-    from gateway.tls import TlsOptionsError, client_tls
+    from infergate.gateway.tls import TlsOptionsError, client_tls
 
     try:
         tls = client_tls(ca_file, cert_file, key_file)
@@ -141,7 +141,7 @@ async def measure(
 
 
 async def _measure_round(targets, levels, duration_s, warmup_s, headers, features, input_name, ssl, echo) -> list[dict]:
-    from benchmarks.loadgen import run_load, single_row_inputs
+    from infergate.benchmarks.loadgen import run_load, single_row_inputs
 
     rows = []
     for level in levels:
@@ -293,7 +293,7 @@ def bench_command(
         return combine_rounds(per_round, comparisons(targets, baseline))
 
     if scenario:
-        from benchmarks.scenarios import SCENARIOS, start_scenario
+        from infergate.benchmarks.scenarios import SCENARIOS, start_scenario
 
         if scenario not in SCENARIOS:
             raise typer.BadParameter(f"{scenario!r}: known scenarios are {', '.join(SCENARIOS)}", param_hint="--scenario")
@@ -308,7 +308,7 @@ def bench_command(
     else:
         rows, compared = run(targets)
 
-    from benchmarks.report import write_all
+    from infergate.benchmarks.report import write_all
 
     paths = write_all(out, meta, rows, compared)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -8,7 +8,7 @@ The response is precomputed once and has the gateway's shape for the bundled cla
 bytes on the wire. Enough of the rest (ServerLive/Ready, ModelReady, ModelMetadata) is there for
 ``tritonclient``.
 
-    python -m benchmarks.ceiling_server --port 0     # prints "ceiling server listening on port N"
+    python -m infergate.benchmarks.ceiling_server --port 0     # prints "ceiling server listening on port N"
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import signal
 import grpc
 import numpy as np
 
-from gateway._proto.inference import grpc_service_pb2 as pb
-from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.converters import encode_infer_response
-from gateway.demo_models import LinearClassifier
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from infergate.gateway.converters import encode_infer_response
+from infergate.gateway.demo_models import LinearClassifier
 
 MODEL = "classifier"
 VARIANT = "ceiling"

@@ -1,4 +1,4 @@
-"""The GPU paths, end to end, in one short run: ``python -m benchmarks.gpu_check``.
+"""The GPU paths, end to end, in one short run: ``python -m infergate.benchmarks.gpu_check``.
 
 Starts a gateway whose variant runs ONNX Runtime with ``CUDAExecutionProvider`` (configuration
 only), checks that the session really runs on CUDA, calls it with unmodified tritonclient and
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.loadgen import run_load, single_row_inputs
-from gateway.config import parse_config
-from gateway.demo_models import LinearClassifier
-from gateway.server import Gateway
+from infergate.benchmarks.loadgen import run_load, single_row_inputs
+from infergate.gateway.config import parse_config
+from infergate.gateway.demo_models import LinearClassifier
+from infergate.gateway.server import Gateway
 
 
 def _config(path: Path, providers: list[str]) -> dict:

@@ -10,4 +10,4 @@ python3 -m venv .venv-gpu
 .venv-gpu/bin/pip uninstall --quiet -y onnxruntime
 .venv-gpu/bin/pip install --quiet "onnxruntime-gpu>=1.18,<2"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-timeout 240 .venv-gpu/bin/python -m benchmarks.gpu_check
+timeout 240 .venv-gpu/bin/python -m infergate.benchmarks.gpu_check

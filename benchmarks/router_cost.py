@@ -1,6 +1,6 @@
 """What variant selection costs per call, next to a whole call through the gateway.
 
-    python -m benchmarks.router_cost --out benchmarks/results/router
+    python -m infergate.benchmarks.router_cost --out benchmarks/results/router
 
 1. **Selection, in process**: ``RouteSelector`` (the pipeline's chooser) on a 90/10 route, timed
    with ``timeit`` for a call without a sticky key (weighted random), with a sticky key (BLAKE2b of
@@ -31,18 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests/support lives in the checkout, beside this package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import run_load, single_row_inputs  # noqa: E402
-from gateway.demo_models import LinearClassifier  # noqa: E402
+from infergate.benchmarks.loadgen import run_load, single_row_inputs  # noqa: E402
+from infergate.gateway.demo_models import LinearClassifier  # noqa: E402
 from tests.support.processes import GatewayProcess  # noqa: E402
 
 
 def selection_cost_ns(calls: int) -> dict[str, float]:
     """Best-of-5 nanoseconds per selection, by kind of call."""
-    from backends.base import ModelSignature
-    from gateway.config import parse_config
-    from gateway.pipeline import CallContext, ModelEndpoint
-    from router.selector import PIN_METADATA, RouteSelector
-    from router.table import Route, RouteTable
+    from infergate.backends.base import ModelSignature
+    from infergate.gateway.config import parse_config
+    from infergate.gateway.pipeline import CallContext, ModelEndpoint
+    from infergate.router.selector import PIN_METADATA, RouteSelector
+    from infergate.router.table import Route, RouteTable
 
     config = parse_config(
         {

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.bench import Target
-from gateway.demo_models import LinearClassifier
+from infergate.benchmarks.bench import Target
+from infergate.gateway.demo_models import LinearClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests/support lives in the checkout, beside this package
@@ -35,11 +35,11 @@ GATEWAY_TRITON_MODEL = "classifier_triton"
 
 
 class CeilingProcess(_Process):
-    """``python -m benchmarks.ceiling_server`` on a free port."""
+    """``python -m infergate.benchmarks.ceiling_server`` on a free port."""
 
     def __init__(self, log_dir: Path) -> None:
         self.port: int | None = None
-        argv = [sys.executable, "-m", "benchmarks.ceiling_server", "--port", "0"]
+        argv = [sys.executable, "-m", "infergate.benchmarks.ceiling_server", "--port", "0"]
         super().__init__(argv, log_dir / "ceiling.log", _python_env())
 
     @property

@@ -16,16 +16,16 @@ import contextlib
 import logging
 from collections.abc import Mapping
 
-from gateway._proto.infergate.admin.v1 import admin_pb2 as pb
-from gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
-from gateway.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, Unavailable
-from gateway.identity import Identity, current_identity
-from gateway.pipeline import ModelEndpoint, Pipeline
-from gateway.servicer import status_boundary
-from router.audit import AuditRecord
-from router.canary import CanaryController, CanaryState
-from router.state import RouteStore
-from router.table import Route, RouteTable
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
+from infergate.gateway.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, Unavailable
+from infergate.gateway.identity import Identity, current_identity
+from infergate.gateway.pipeline import ModelEndpoint, Pipeline
+from infergate.gateway.servicer import status_boundary
+from infergate.router.audit import AuditRecord
+from infergate.router.canary import CanaryController, CanaryState
+from infergate.router.state import RouteStore
+from infergate.router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
 

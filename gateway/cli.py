@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from infergate.gateway.config import ConfigError, GatewayConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="infergate: a Triton-compatible gRPC model gateway.")
 
@@ -25,7 +25,7 @@ EXIT_CONFIG = 2
 
 
 def _setup_logging(level: str) -> None:
-    from gateway.auth.logfilter import SubjectLogFilter
+    from infergate.gateway.auth.logfilter import SubjectLogFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(SubjectLogFilter())  # [subject]: who the call being served is for, "-" outside calls
@@ -97,7 +97,7 @@ def _worker_config(config: GatewayConfig, index: int) -> GatewayConfig:
     The gRPC port is shared through SO_REUSEPORT, but each process has its own counters, so each
     needs its own metrics endpoint (Prometheus scrapes all of them); port 0 stays 0 (any free port).
     """
-    from gateway.config import split_host_port
+    from infergate.gateway.config import split_host_port
 
     listen = config.server.metrics_listen
     if not listen or index == 0:
@@ -111,7 +111,7 @@ def _worker_config(config: GatewayConfig, index: int) -> GatewayConfig:
 
 
 def _run_replica(config: GatewayConfig) -> int:
-    from gateway.server import serve as serve_forever
+    from infergate.gateway.server import serve as serve_forever
 
     return asyncio.run(serve_forever(config))
 
@@ -124,7 +124,7 @@ def demo(
 ) -> None:
     """Start a gateway on a bundled ONNX model, make sample calls with tritonclient, print the answers."""
     _setup_logging("warning")
-    from gateway.demo import run_demo
+    from infergate.gateway.demo import run_demo
 
     raise typer.Exit(asyncio.run(run_demo(redis_url=redis_url, serve_after=serve_after, port=port)))
 
@@ -137,23 +137,23 @@ def check_config(config: Path = typer.Argument(..., help="YAML config file.")) -
 
 
 # `infergate bench`: the options and the implementation live in benchmarks/bench.py.
-from benchmarks.bench import bench_command  # noqa: E402
+from infergate.benchmarks.bench import bench_command  # noqa: E402
 
 app.command("bench")(bench_command)
 
 # `infergate token` and `infergate jwks` (development tokens): gateway/auth/commands.py.
-from gateway.auth.commands import jwks_command, token_command  # noqa: E402
+from infergate.gateway.auth.commands import jwks_command, token_command  # noqa: E402
 
 app.command("token")(token_command)
 app.command("jwks")(jwks_command)
 
 
 def _register_subcommands() -> None:
-    from gateway.cli_features import features_app
+    from infergate.gateway.cli_features import features_app
 
     app.add_typer(features_app, name="features")
 
-    from gateway.cli_admin import register as register_admin_commands  # routes, canary, audit
+    from infergate.gateway.cli_admin import register as register_admin_commands  # routes, canary, audit
 
     register_admin_commands(app)
 

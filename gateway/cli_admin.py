@@ -26,8 +26,8 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-from gateway._proto.infergate.admin.v1 import admin_pb2 as pb
-from gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -78,7 +78,7 @@ class AdminClient:
         key_file: Path | None = None,
     ) -> None:
         if ca_file is not None or cert_file is not None or key_file is not None:
-            from gateway.tls import TlsOptionsError, client_tls
+            from infergate.gateway.tls import TlsOptionsError, client_tls
 
             try:
                 tls = client_tls(ca_file, cert_file, key_file)

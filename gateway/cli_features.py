@@ -56,8 +56,8 @@ def load(
     """Write every row of FILE to Redis under the view's key template."""
     import redis.asyncio as aioredis
 
-    from gateway.cli import _load
-    from gateway.features import write_rows
+    from infergate.gateway.cli import _load
+    from infergate.gateway.features import write_rows
 
     gateway_config = _load(config)
     view_config = gateway_config.feature_views.get(view)

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import ModelSignature, TensorSpec
-from backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
-from gateway._proto.inference import grpc_service_pb2 as pb
-from gateway._proto.inference import model_config_pb2 as mc
-from gateway.errors import InvalidArgument
+from infergate.backends.base import ModelSignature, TensorSpec
+from infergate.backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference import model_config_pb2 as mc
+from infergate.gateway.errors import InvalidArgument
 
 RESERVED_PARAMETER_PREFIXES = ("triton_", "infergate_")
 """Request parameter names starting with these belong to Triton or the gateway, not callers."""

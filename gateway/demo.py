@@ -18,10 +18,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from gateway.config import parse_config
-from gateway.demo_models import LinearClassifier
-from gateway.local_redis import LocalRedis
-from gateway.server import Gateway, StartupError
+from infergate.gateway.config import parse_config
+from infergate.gateway.demo_models import LinearClassifier
+from infergate.gateway.local_redis import LocalRedis
+from infergate.gateway.server import Gateway, StartupError
 
 SAMPLE_CALLS = 12
 
@@ -159,8 +159,8 @@ async def _shift_traffic(console: Console, url: str) -> None:
     """What an SRE does with ``infergate canary set``: all traffic to v2, through the admin API."""
     import grpc
 
-    from gateway._proto.infergate.admin.v1 import admin_pb2 as admin
-    from gateway._proto.infergate.admin.v1 import admin_pb2_grpc as admin_grpc
+    from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as admin
+    from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc as admin_grpc
 
     async with grpc.aio.insecure_channel(url) as channel:
         stub = admin_grpc.RoutingAdminStub(channel)

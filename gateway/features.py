@@ -19,10 +19,10 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from backends.base import ModelSignature, TensorSpec
-from gateway import metrics
-from gateway.config import FeatureViewConfig, ModelFeaturesConfig
-from gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
+from infergate.backends.base import ModelSignature, TensorSpec
+from infergate.gateway import metrics
+from infergate.gateway.config import FeatureViewConfig, ModelFeaturesConfig
+from infergate.gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 

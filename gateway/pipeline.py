@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.base import Backend, ModelSignature
-from backends.resilience import CircuitBreaker
-from gateway import metrics
-from gateway.config import ModelRouteConfig
-from gateway.errors import BackendUnavailable, GatewayError, Internal, NotFound
-from gateway.identity import ANONYMOUS, Identity
-from gateway.telemetry import outgoing_headers
-from router.batcher import Batcher
-from router.table import RouteTable, weighted_choice
+from infergate.backends.base import Backend, ModelSignature
+from infergate.backends.resilience import CircuitBreaker
+from infergate.gateway import metrics
+from infergate.gateway.config import ModelRouteConfig
+from infergate.gateway.errors import BackendUnavailable, GatewayError, Internal, NotFound
+from infergate.gateway.identity import ANONYMOUS, Identity
+from infergate.gateway.telemetry import outgoing_headers
+from infergate.router.batcher import Batcher
+from infergate.router.table import RouteTable, weighted_choice
 
 if TYPE_CHECKING:
-    from gateway.features import FeatureStore
+    from infergate.gateway.features import FeatureStore
 
 log = logging.getLogger(__name__)
 

@@ -23,23 +23,23 @@ from grpc_reflection.v1alpha import reflection
 # tritonclient registers the same (wire-identical) definitions; see gateway/_proto/pool.py.
 import tritonclient.grpc  # noqa: F401,E402
 
-from backends.base import Backend, ModelSignature
-from backends.onnx import OnnxBackend
-from backends.resilience import ReadinessPoller, ResilientBackend, resilient
-from backends.triton import TritonBackend
-from gateway import metrics
-from gateway._proto.inference import grpc_service_pb2 as pb
-from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.auth import AuthSetupError, Authenticator
-from gateway.config import GatewayConfig, ModelRouteConfig
-from gateway.errors import GatewayError
-from gateway.features import FeatureStore, gateway_signature
-from gateway.pipeline import ModelEndpoint, Pipeline, Variant
-from gateway.servicer import InferenceServicer
-from gateway.telemetry import Tracing
-from router.batcher import Batcher
-from router.runtime import Routing
-from router.table import Route, RouteTable
+from infergate.backends.base import Backend, ModelSignature
+from infergate.backends.onnx import OnnxBackend
+from infergate.backends.resilience import ReadinessPoller, ResilientBackend, resilient
+from infergate.backends.triton import TritonBackend
+from infergate.gateway import metrics
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from infergate.gateway.auth import AuthSetupError, Authenticator
+from infergate.gateway.config import GatewayConfig, ModelRouteConfig
+from infergate.gateway.errors import GatewayError
+from infergate.gateway.features import FeatureStore, gateway_signature
+from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
+from infergate.gateway.servicer import InferenceServicer
+from infergate.gateway.telemetry import Tracing
+from infergate.router.batcher import Batcher
+from infergate.router.runtime import Routing
+from infergate.router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,16 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from gateway import __version__
-from gateway._proto.inference import grpc_service_pb2 as pb
-from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.converters import (
+from infergate.gateway import __version__
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from infergate.gateway.converters import (
     decode_infer_request,
     encode_infer_response,
     encode_model_config,
     encode_model_metadata,
 )
-from gateway.errors import (
+from infergate.gateway.errors import (
     DeadlineExceeded,
     GatewayError,
     Internal,
@@ -33,10 +33,10 @@ from gateway.errors import (
     Unavailable,
     Unimplemented,
 )
-from gateway.config import TelemetryConfig
-from gateway.identity import current_identity
-from gateway.telemetry import Tracing, mark_error
-from gateway.pipeline import CallContext, ModelEndpoint, Pipeline
+from infergate.gateway.config import TelemetryConfig
+from infergate.gateway.identity import current_identity
+from infergate.gateway.telemetry import Tracing, mark_error
+from infergate.gateway.pipeline import CallContext, ModelEndpoint, Pipeline
 
 log = logging.getLogger(__name__)
 

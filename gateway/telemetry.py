@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.config import TelemetryConfig
+from infergate.gateway.config import TelemetryConfig
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.base import Backend
-from gateway import metrics
-from gateway.config import BatchingConfig
-from gateway.errors import DeadlineExceeded, GatewayError, Internal, InvalidArgument, Unavailable
+from infergate.backends.base import Backend
+from infergate.gateway import metrics
+from infergate.gateway.config import BatchingConfig
+from infergate.gateway.errors import DeadlineExceeded, GatewayError, Internal, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -48,11 +48,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 from redis.exceptions import RedisError
 
-from gateway import metrics
-from gateway.config import CanaryConfig
-from gateway.errors import Aborted, GatewayError
-from router.state import RouteStore, redis_errors
-from router.table import Route
+from infergate.gateway import metrics
+from infergate.gateway.config import CanaryConfig
+from infergate.gateway.errors import Aborted, GatewayError
+from infergate.router.state import RouteStore, redis_errors
+from infergate.router.table import Route
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from collections.abc import Callable, Mapping
 
 import grpc
 
-from gateway import metrics
-from gateway.config import GatewayConfig
-from gateway.pipeline import CallObserver, CallRecord, ModelEndpoint, Pipeline
-from router.audit import AuditRecord
-from router.canary import CanaryController
-from router.selector import RouteSelector
-from router.shadow import ShadowDispatcher
-from router.state import RouteStore
-from router.table import Route, RouteTable
+from infergate.gateway import metrics
+from infergate.gateway.config import GatewayConfig
+from infergate.gateway.pipeline import CallObserver, CallRecord, ModelEndpoint, Pipeline
+from infergate.router.audit import AuditRecord
+from infergate.router.canary import CanaryController
+from infergate.router.selector import RouteSelector
+from infergate.router.shadow import ShadowDispatcher
+from infergate.router.state import RouteStore
+from infergate.router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class Routing:
 
     def add_admin(self, server: grpc.aio.Server, pipeline: Pipeline) -> str:
         """Register the RoutingAdmin servicer; returns its service name for reflection."""
-        from gateway._proto.infergate.admin.v1 import admin_pb2_grpc
-        from gateway.admin import SERVICE_NAME, RoutingAdminServicer
+        from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc
+        from infergate.gateway.admin import SERVICE_NAME, RoutingAdminServicer
 
         self._admin = RoutingAdminServicer(pipeline, self._routes, self.store, self.canaries)
         admin_pb2_grpc.add_RoutingAdminServicer_to_server(self._admin, server)

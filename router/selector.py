@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway.errors import InvalidArgument, PermissionDenied
-from router.table import Route, RouteTable
+from infergate.gateway.errors import InvalidArgument, PermissionDenied
+from infergate.router.table import Route, RouteTable
 
 if TYPE_CHECKING:  # the pipeline imports this module's users, not the other way round
-    from gateway.pipeline import CallContext, ModelEndpoint
+    from infergate.gateway.pipeline import CallContext, ModelEndpoint
 
 PIN_METADATA = "x-infergate-variant"
 BUCKETS = 10000

@@ -27,8 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway import metrics
-from gateway.config import ShadowConfig
+from infergate.gateway import metrics
+from infergate.gateway.config import ShadowConfig
 
 log = logging.getLogger(__name__)
 

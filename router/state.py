@@ -47,10 +47,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.config import ModelRouteConfig
-from gateway.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
-from router.audit import MAX_ENTRIES, AuditLog, AuditRecord, audit_key
-from router.table import Route, RouteTable, check_weights
+from infergate.gateway.config import ModelRouteConfig
+from infergate.gateway.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+from infergate.router.audit import MAX_ENTRIES, AuditLog, AuditRecord, audit_key
+from infergate.router.table import Route, RouteTable, check_weights
 
 log = logging.getLogger(__name__)
 

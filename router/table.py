@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from gateway.errors import InvalidArgument, NotFound
+from infergate.gateway.errors import InvalidArgument, NotFound
 
 
 @dataclass(frozen=True)

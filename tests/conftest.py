@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import parse_config
-from gateway.local_redis import LocalRedis
-from gateway.server import Gateway
+from infergate.gateway.config import parse_config
+from infergate.gateway.local_redis import LocalRedis
+from infergate.gateway.server import Gateway
 from tests.support.models import onnx_config, write_models
 from tests.support.processes import GatewayProcess, TritonProcess
 

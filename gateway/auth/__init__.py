@@ -13,10 +13,10 @@ where the model name is known; ``admin:routes`` by the admin servicer. Both read
 ``current_identity``.
 """
 
-from gateway.auth.interceptor import AuthInterceptor, Authenticator, bearer_token
-from gateway.auth.keys import AuthSetupError, KeySet, parse_jwks
-from gateway.auth.ratelimit import TenantRateLimiter
-from gateway.auth.verifier import Reason, TokenRejected, TokenVerifier, identity_from_claims, scopes_of
+from infergate.gateway.auth.interceptor import AuthInterceptor, Authenticator, bearer_token
+from infergate.gateway.auth.keys import AuthSetupError, KeySet, parse_jwks
+from infergate.gateway.auth.ratelimit import TenantRateLimiter
+from infergate.gateway.auth.verifier import Reason, TokenRejected, TokenVerifier, identity_from_claims, scopes_of
 
 __all__ = [
     "AuthInterceptor",

@@ -28,7 +28,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _read_key(path: Path) -> Any:
-    from gateway.auth.tokens import load_private_key
+    from infergate.gateway.auth.tokens import load_private_key
 
     try:
         return load_private_key(path.read_bytes())
@@ -67,10 +67,10 @@ def token_command(
     ),
 ) -> None:
     """Mint a development token (printed alone on stdout)."""
-    from gateway.auth.tokens import algorithm_for, mint_token
+    from infergate.gateway.auth.tokens import algorithm_for, mint_token
 
     if config is not None:
-        from gateway.config import ConfigError, load_config
+        from infergate.gateway.config import ConfigError, load_config
 
         try:
             auth = load_config(config).auth
@@ -117,7 +117,7 @@ def jwks_command(
     """Print a JWKS document with the public half of KEY (for auth.jwks_file or a JWKS URL)."""
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.auth.tokens import public_jwks
+    from infergate.gateway.auth.tokens import public_jwks
 
     try:
         pem = key.read_bytes()

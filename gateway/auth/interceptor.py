@@ -28,12 +28,12 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
 
-from gateway import metrics
-from gateway.auth.keys import JwksFileSource, JwksUrlSource, KeySource, SecretKeySource
-from gateway.auth.ratelimit import TenantRateLimiter
-from gateway.auth.verifier import Reason, TokenRejected, TokenVerifier
-from gateway.config import AuthConfig
-from gateway.identity import current_identity
+from infergate.gateway import metrics
+from infergate.gateway.auth.keys import JwksFileSource, JwksUrlSource, KeySource, SecretKeySource
+from infergate.gateway.auth.ratelimit import TenantRateLimiter
+from infergate.gateway.auth.verifier import Reason, TokenRejected, TokenVerifier
+from infergate.gateway.config import AuthConfig
+from infergate.gateway.identity import current_identity
 
 log = logging.getLogger(__name__)
 

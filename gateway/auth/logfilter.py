@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from gateway.identity import current_identity
+from infergate.gateway.identity import current_identity
 
 
 class SubjectLogFilter(logging.Filter):

@@ -28,10 +28,10 @@ from typing import Any
 from jwt import PyJWS
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
-from gateway.auth.keys import KeySource
-from gateway.config import AuthConfig
-from gateway.errors import Unauthenticated
-from gateway.identity import Identity
+from infergate.gateway.auth.keys import KeySource
+from infergate.gateway.config import AuthConfig
+from infergate.gateway.errors import Unauthenticated
+from infergate.gateway.identity import Identity
 
 log = logging.getLogger(__name__)
 

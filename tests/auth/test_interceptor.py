@@ -21,10 +21,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from gateway import metrics
-from gateway.auth.logfilter import SubjectLogFilter
-from gateway.auth.verifier import identity_from_claims
-from gateway.identity import current_identity
+from infergate.gateway import metrics
+from infergate.gateway.auth.logfilter import SubjectLogFilter
+from infergate.gateway.auth.verifier import identity_from_claims
+from infergate.gateway.identity import current_identity
 from tests.auth.conftest import bearer, gateway_config, row
 from tests.auth.jwks_server import JwksServer
 from tests.conftest import running_gateway

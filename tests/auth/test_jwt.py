@@ -13,10 +13,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.auth import AuthSetupError, Reason, TokenRejected, TokenVerifier, bearer_token, identity_from_claims, parse_jwks, scopes_of
-from gateway.auth.keys import JwksFileSource, JwksUrlSource, SecretKeySource
-from gateway.auth.ratelimit import TenantRateLimiter
-from gateway.config import AuthConfig, ConfigError, parse_config
+from infergate.gateway.auth import AuthSetupError, Reason, TokenRejected, TokenVerifier, bearer_token, identity_from_claims, parse_jwks, scopes_of
+from infergate.gateway.auth.keys import JwksFileSource, JwksUrlSource, SecretKeySource
+from infergate.gateway.auth.ratelimit import TenantRateLimiter
+from infergate.gateway.config import AuthConfig, ConfigError, parse_config
 from tests.auth.conftest import auth_block
 from tests.auth.issuer import AUDIENCE, forge, forge_hs256, signature_of
 from tests.auth.jwks_server import JwksServer
@@ -427,7 +427,7 @@ def test_token_buckets_are_bounded(clock):
 
 
 async def test_verifier_logs_carry_the_subject_and_no_token(file_verifier, issuer, clock, caplog):
-    caplog.set_level(logging.DEBUG, logger="gateway.auth")
+    caplog.set_level(logging.DEBUG, logger="infergate.gateway.auth")
     good = issuer.token(now=clock(), sub="carol")
     await file_verifier.verify(good)
     tokens = [good] + [token for token, _reason in bad_tokens(issuer, clock()).values()]

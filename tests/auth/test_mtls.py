@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.tls import TlsOptionsError, client_tls
+from infergate.gateway.tls import TlsOptionsError, client_tls
 from tests.auth.certs import make_pki
 from tests.auth.conftest import CALL_TIMEOUT_S, gateway_config, infer, status_of
 from tests.support.models import onnx_config
@@ -98,7 +98,7 @@ def test_admin_cli_over_mutual_tls(gateway_process, pki, model_paths):
 
     config = dict(onnx_config(model_paths), server=tls_server(pki, mutual=True))
     process = gateway_process(config, "mtls-admin")
-    base = [sys.executable, "-m", "gateway.cli", "routes", "--gateway", process.url, "--json", "--ca-file", str(pki.ca),
+    base = [sys.executable, "-m", "infergate", "routes", "--gateway", process.url, "--json", "--ca-file", str(pki.ca),
             "--timeout-s", "10"]
     admitted = subprocess.run(base + ["--cert-file", str(pki.client_cert), "--key-file", str(pki.client_key)],
                               capture_output=True, text=True, timeout=60)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from typer.testing import CliRunner
 
-from gateway.cli import app
+from infergate.gateway.cli import app
 from tests.auth.conftest import auth_block, bearer, row
 from tests.conftest import running_gateway
 from tests.support.models import onnx_config

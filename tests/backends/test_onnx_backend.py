@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from backends.onnx import OnnxBackend
-from gateway.config import OnnxBackendConfig
-from gateway.demo_models import IR_VERSION, OPSET
-from gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from infergate.backends.onnx import OnnxBackend
+from infergate.gateway.config import OnnxBackendConfig
+from infergate.gateway.demo_models import IR_VERSION, OPSET
+from infergate.gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
 from tests.support.models import classifier
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from backends.resilience import (
+from infergate.backends.resilience import (
     BreakerState,
     CircuitBreaker,
     CircuitOpen,
@@ -23,10 +23,10 @@ from backends.resilience import (
     RetryPolicy,
     resilient,
 )
-from backends.triton import TritonBackend
-from gateway.config import BreakerConfig, TritonBackendConfig
-from gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Internal, InvalidArgument
-from gateway.local_redis import free_port
+from infergate.backends.triton import TritonBackend
+from infergate.gateway.config import BreakerConfig, TritonBackendConfig
+from infergate.gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Internal, InvalidArgument
+from infergate.gateway.local_redis import free_port
 from tests.router.fakes import FakeClock, RecordingBackend
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")

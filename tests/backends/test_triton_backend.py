@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from backends.triton import TritonBackend
-from gateway.config import TritonBackendConfig
-from gateway.errors import BackendUnavailable, DeadlineExceeded, Internal, InvalidArgument, NotFound
-from gateway.local_redis import free_port
+from infergate.backends.triton import TritonBackend
+from infergate.gateway.config import TritonBackendConfig
+from infergate.gateway.errors import BackendUnavailable, DeadlineExceeded, Internal, InvalidArgument, NotFound
+from infergate.gateway.local_redis import free_port
 from tests.support.models import classifier
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")

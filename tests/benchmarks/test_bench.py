@@ -10,9 +10,9 @@ from pathlib import Path
 
 import matplotlib.image
 
-from benchmarks.scenarios import gateway_config
-from gateway.demo_models import LinearClassifier
-from gateway.local_redis import free_port
+from infergate.benchmarks.scenarios import gateway_config
+from infergate.gateway.demo_models import LinearClassifier
+from infergate.gateway.local_redis import free_port
 from tests.auth.certs import make_pki
 
 INFERGATE = Path(sys.executable).with_name("infergate")  # the installed console script, as users run it
@@ -101,7 +101,7 @@ def test_tls_options_reach_a_mutual_tls_gateway(tmp_path, gateway_process):
 
 
 def test_rounds_rotate_the_target_order_and_report_medians(tmp_path):
-    from benchmarks.scenarios import CeilingProcess
+    from infergate.benchmarks.scenarios import CeilingProcess
 
     servers = [CeilingProcess(tmp_path / name).start() for name in ("a", "b")]
     try:

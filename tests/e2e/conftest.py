@@ -22,9 +22,9 @@ import pytest
 from onnx import TensorProto, helper
 from tritonclient.grpc import InferInput
 
-from gateway._proto.inference import grpc_service_pb2 as pb
-from gateway._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from gateway.demo_models import IR_VERSION, OPSET
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from infergate.gateway.demo_models import IR_VERSION, OPSET
 from tests.support.models import FEATURES, classifier, onnx_config
 from tests.support.processes import GatewayProcess, wait_until
 

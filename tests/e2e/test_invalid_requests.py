@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from tests.e2e.conftest import (
     MAX_MESSAGE_BYTES,
     RAW_CALL_TIMEOUT_S,

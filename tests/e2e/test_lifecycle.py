@@ -239,7 +239,7 @@ def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path, onnx_gateway
     import subprocess
     import sys
 
-    from gateway.local_redis import free_port
+    from infergate.gateway.local_redis import free_port
 
     base = free_port()
     blocker = socket.socket()
@@ -251,7 +251,7 @@ def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path, onnx_gateway
                                                    "metrics_listen": f"127.0.0.1:{base}", "shutdown_grace_s": 2})
         path = tmp_path / "workers.yaml"
         path.write_text(yaml.safe_dump(config))
-        done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+        done = subprocess.run([sys.executable, "-m", "infergate", "serve", "--config", str(path)],
                               capture_output=True, text=True, timeout=GRACE_S + EXIT_MARGIN_S)
     finally:
         blocker.close()

@@ -27,11 +27,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from gateway._proto.infergate.admin.v1 import admin_pb2 as apb
-from gateway._proto.infergate.admin.v1.admin_pb2_grpc import RoutingAdminStub
-from gateway.local_redis import LocalRedis, free_port
-from router.canary import SUBJECT, lease_key
-from router.selector import PIN_METADATA
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as apb
+from infergate.gateway._proto.infergate.admin.v1.admin_pb2_grpc import RoutingAdminStub
+from infergate.gateway.local_redis import LocalRedis, free_port
+from infergate.router.canary import SUBJECT, lease_key
+from infergate.router.selector import PIN_METADATA
 from tests.e2e.conftest import CLIENT_TIMEOUT_S, linear_input, result_variant, rows_for, shared_gateway
 from tests.support.processes import ROOT, GatewayProcess, wait_until
 
@@ -90,7 +90,7 @@ def variant_of(client: grpcclient.InferenceServerClient, model: str, key: str | 
 
 
 def cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", *args]
+    return [sys.executable, "-m", "infergate", *args]
 
 
 def cli_env() -> dict[str, str]:

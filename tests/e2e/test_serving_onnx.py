@@ -21,7 +21,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from tests.conftest import running_gateway
 from tests.e2e.conftest import (
     CLIENT_TIMEOUT_S,

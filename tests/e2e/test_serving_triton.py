@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from tests.conftest import running_gateway
 from tests.e2e.conftest import (
     CLIENT_TIMEOUT_S,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from infergate.gateway.config import ConfigError, GatewayConfig, load_config
 from tests.support.models import onnx_config
 from tests.support.processes import ROOT
 
@@ -161,7 +161,7 @@ def test_bad_environment_override_exits_2_naming_the_key(tmp_path, model_paths):
 
 
 def test_serve_takes_its_listen_address_from_the_environment(gateway_process, model_paths):
-    from gateway.local_redis import free_port
+    from infergate.gateway.local_redis import free_port
     from tests.e2e.conftest import assert_serves
 
     port = free_port()

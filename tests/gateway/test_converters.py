@@ -7,17 +7,17 @@ import struct
 import numpy as np
 import pytest
 
-from backends.base import ModelSignature, TensorSpec
-from backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
-from gateway._proto.inference import grpc_service_pb2 as pb
-from gateway.converters import (
+from infergate.backends.base import ModelSignature, TensorSpec
+from infergate.backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
+from infergate.gateway._proto.inference import grpc_service_pb2 as pb
+from infergate.gateway.converters import (
     decode_infer_request,
     encode_infer_response,
     encode_model_config,
     encode_model_metadata,
     parameter_value,
 )
-from gateway.errors import InvalidArgument
+from infergate.gateway.errors import InvalidArgument
 
 
 def signature(*inputs: TensorSpec, batched: bool = True, max_batch_size: int = 0) -> ModelSignature:

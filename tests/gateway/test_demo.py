@@ -10,7 +10,7 @@ DEMO_TIMEOUT_S = 120
 
 
 def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "demo"], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "infergate", "demo"], capture_output=True, text=True,
                           timeout=DEMO_TIMEOUT_S, env=env)
 
 
@@ -46,7 +46,7 @@ def test_demo_serve_stops_cleanly_on_sigterm_and_leaves_no_redis():
     import socket
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "demo", "--serve"], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "infergate", "demo", "--serve"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"))
     lines = []
     try:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from gateway.local_redis import free_port
+from infergate.gateway.local_redis import free_port
 from tests.conftest import running_gateway
 
 DIM = 8
@@ -159,7 +159,7 @@ def test_cli_loads_csv_rows(scorer_path, redis_url, tmp_path):
     csv_path.write_text("user_id," + ",".join(f"f{i}" for i in range(DIM)) + "\n"
                         + "alice," + ",".join(str(i) for i in range(DIM)) + "\n"
                         + "bob," + ",".join(str(-i) for i in range(DIM)) + "\n")
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "features", "load", "user_profile", str(csv_path),
+    done = subprocess.run([sys.executable, "-m", "infergate", "features", "load", "user_profile", str(csv_path),
                            "--config", str(config_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "loaded 2 row(s)" in done.stdout
@@ -169,7 +169,7 @@ def test_cli_loads_csv_rows(scorer_path, redis_url, tmp_path):
     assert np.array_equal(alice, np.arange(DIM, dtype=np.float32))
     short = tmp_path / "short.csv"
     short.write_text("user_id,f0\ncarol,1.0\n")
-    bad = subprocess.run([sys.executable, "-m", "gateway.cli", "features", "load", "user_profile", str(short),
+    bad = subprocess.run([sys.executable, "-m", "infergate", "features", "load", "user_profile", str(short),
                           "--config", str(config_path)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "short.csv:2" in bad.stderr and "Traceback" not in bad.stderr

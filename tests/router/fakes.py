@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.base import Backend, ModelSignature, TensorSpec
-from gateway.errors import GatewayError
+from infergate.backends.base import Backend, ModelSignature, TensorSpec
+from infergate.gateway.errors import GatewayError
 
 
 class FakeClock:

@@ -12,10 +12,10 @@ import pytest
 import tritonclient.grpc.aio as aioclient
 from prometheus_client import REGISTRY
 
-from gateway._proto.infergate.admin.v1 import admin_pb2 as pb
-from gateway._proto.infergate.admin.v1.admin_pb2_grpc import RoutingAdminStub
-from gateway.config import parse_config
-from gateway.server import Gateway
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
+from infergate.gateway._proto.infergate.admin.v1.admin_pb2_grpc import RoutingAdminStub
+from infergate.gateway.config import parse_config
+from infergate.gateway.server import Gateway
 from tests.auth.conftest import auth_block
 from tests.auth.issuer import Issuer
 from tests.conftest import running_gateway

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.config import BatchingConfig
-from gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Unavailable
-from router.batcher import Batcher, group_key
+from infergate.gateway.config import BatchingConfig
+from infergate.gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Unavailable
+from infergate.router.batcher import Batcher, group_key
 from tests.router.fakes import FakeClock, RecordingBackend
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")

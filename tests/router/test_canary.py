@@ -7,8 +7,8 @@ import contextlib
 
 import pytest
 
-from gateway.config import CanaryConfig, parse_config
-from router.canary import (
+from infergate.gateway.config import CanaryConfig, parse_config
+from infergate.router.canary import (
     PROGRESSING,
     PROMOTED,
     ROLLED_BACK,
@@ -18,8 +18,8 @@ from router.canary import (
     judge,
     percentile,
 )
-from router.state import RouteStore
-from router.table import Route, RouteTable
+from infergate.router.state import RouteStore
+from infergate.router.table import Route, RouteTable
 from tests.router.fakes import FakeClock
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")

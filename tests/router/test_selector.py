@@ -7,13 +7,13 @@ from collections import Counter
 
 import pytest
 
-from backends.base import ModelSignature
-from gateway.config import parse_config
-from gateway.errors import InvalidArgument, PermissionDenied
-from gateway.identity import ANONYMOUS, Identity
-from gateway.pipeline import CallContext, ModelEndpoint, Variant
-from router.selector import BUCKETS, PIN_METADATA, RouteSelector, bucket_owners, stable_hash64, sticky_bucket
-from router.table import Route, RouteTable
+from infergate.backends.base import ModelSignature
+from infergate.gateway.config import parse_config
+from infergate.gateway.errors import InvalidArgument, PermissionDenied
+from infergate.gateway.identity import ANONYMOUS, Identity
+from infergate.gateway.pipeline import CallContext, ModelEndpoint, Variant
+from infergate.router.selector import BUCKETS, PIN_METADATA, RouteSelector, bucket_owners, stable_hash64, sticky_bucket
+from infergate.router.table import Route, RouteTable
 from tests.router.fakes import RecordingBackend
 
 KEYS = [f"user-{i}" for i in range(4000)]

@@ -9,12 +9,12 @@ import time
 import pytest
 import redis
 
-from gateway.config import parse_config
-from gateway.errors import Aborted, InvalidArgument, NotFound, Unavailable
-from gateway.local_redis import LocalRedis
-from router.audit import audit_key
-from router.state import RouteStore, route_key
-from router.table import Route, RouteTable
+from infergate.gateway.config import parse_config
+from infergate.gateway.errors import Aborted, InvalidArgument, NotFound, Unavailable
+from infergate.gateway.local_redis import LocalRedis
+from infergate.router.audit import audit_key
+from infergate.router.state import RouteStore, route_key
+from infergate.router.table import Route, RouteTable
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")
 

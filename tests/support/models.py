@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.demo_models import LinearClassifier, build_echo_bytes
+from infergate.gateway.demo_models import LinearClassifier, build_echo_bytes
 
 FEATURES = 16
 CLASSES = 4

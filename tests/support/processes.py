@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.local_redis import free_port
+from infergate.gateway.local_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_START_TIMEOUT_S = 90.0
@@ -171,7 +171,7 @@ class GatewayProcess(_Process):
         self.metrics_port: int | None = None
         env = _python_env()
         env.update(extra_env or {})
-        argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)]
+        argv = [sys.executable, "-m", "infergate", "serve", "--config", str(self.config_path)]
         super().__init__(argv, workdir / f"{name}.log", env)
 
     @property

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from gateway.demo_models import LinearClassifier  # noqa: E402
+from infergate.gateway.demo_models import LinearClassifier  # noqa: E402
 
 SLOW_DELAY_S = 0.5
 MAX_BATCH = 256

@@ -23,10 +23,10 @@ import tritonclient.grpc as tritongrpc
 from tritonclient.grpc import model_config_pb2 as triton_mc
 from tritonclient.grpc import service_pb2 as triton_svc
 
-from gateway._proto.inference import grpc_service_pb2 as svc
-from gateway._proto.inference import grpc_service_pb2_grpc as svc_grpc
-from gateway._proto.inference import model_config_pb2 as mc
-from gateway._proto.infergate.admin.v1 import admin_pb2, admin_pb2_grpc
+from infergate.gateway._proto.inference import grpc_service_pb2 as svc
+from infergate.gateway._proto.inference import grpc_service_pb2_grpc as svc_grpc
+from infergate.gateway._proto.inference import model_config_pb2 as mc
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2, admin_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -433,7 +433,7 @@ def test_descriptor_pools():
     the admin package lives in the default pool, where grpc reflection looks by default."""
     from google.protobuf import descriptor_pool
 
-    from gateway._proto.pool import POOL
+    from infergate.gateway._proto.pool import POOL
 
     assert POOL.FindFileContainingSymbol("inference.GRPCInferenceService").name == "inference/grpc_service.proto"
     assert POOL.FindMessageTypeByName("inference.ModelConfig").file.name == "inference/model_config.proto"

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from gateway._proto.infergate.admin.v1 import admin_pb2 as infergate_dot_admin_dot_v1_dot_admin__pb2
+from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as infergate_dot_admin_dot_v1_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
