@@ -208,54 +208,39 @@ class ResilientBackend(Backend):
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
         retries = 0
-        while True:
+        while True:  # one attempt per turn; only a BackendUnavailable that is not CircuitOpen comes round again
+            if self._slots is None:
+                raise BackendUnavailable(f"backend {self.name} is not started")
+            if not self.breaker.acquire():
+                raise CircuitOpen(f"backend {self.name} is ejected (circuit breaker open)")
+            verdict: Callable[[], None] = self.breaker.release
             try:
-                return await self._attempt(model, inputs, outputs, deadline, headers)
-            except CircuitOpen:
-                raise
-            except BackendUnavailable:
-                backoff_s = self.retry.backoff_s * 2**retries
-                if retries >= self.retry.max_retries or self.remaining_s(deadline) <= backoff_s:
-                    raise
-                retries += 1
-                log.debug("backend %s: unavailable, retry %d in %.3fs", self.name, retries, backoff_s)
-                await asyncio.sleep(backoff_s)
-
-    async def _attempt(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        deadline: float,
-        headers: Mapping[str, str] | None,
-    ) -> dict[str, np.ndarray]:
-        if self._slots is None:
-            raise BackendUnavailable(f"backend {self.name} is not started")
-        if not self.breaker.acquire():
-            raise CircuitOpen(f"backend {self.name} is ejected (circuit breaker open)")
-        verdict: Callable[[], None] = self.breaker.release
-        try:
-            await _acquire_before(self._slots, self.remaining_s(deadline), f"a free slot of backend {self.name}")
-            started = time.perf_counter()
-            try:
-                answer = await self.inner.infer(model, inputs, outputs, deadline, headers)
-            except BackendUnavailable:
-                verdict = self.breaker.record_failure
-                raise
-            except DeadlineExceeded:
-                if self.remaining_s(deadline) > 0:  # the backend's own timeout, not the caller's
+                await _acquire_before(self._slots, self.remaining_s(deadline), f"a free slot of backend {self.name}")
+                started = time.perf_counter()
+                try:
+                    answer = await self.inner.infer(model, inputs, outputs, deadline, headers)
+                    verdict = self.breaker.record_success
+                    return answer
+                except BackendUnavailable:
                     verdict = self.breaker.record_failure
-                raise
-            except GatewayError:
-                verdict = self.breaker.record_success  # an answer, even an error, proves it is there
-                raise
+                    backoff_s = self.retry.backoff_s * 2**retries
+                    if retries >= self.retry.max_retries or self.remaining_s(deadline) <= backoff_s:
+                        raise
+                except DeadlineExceeded:
+                    if self.remaining_s(deadline) > 0:  # the backend's own timeout, not the caller's
+                        verdict = self.breaker.record_failure
+                    raise
+                except GatewayError:
+                    verdict = self.breaker.record_success  # an answer, even an error, proves it is there
+                    raise
+                finally:
+                    self._slots.release()
+                    self._duration.observe(time.perf_counter() - started)
             finally:
-                self._slots.release()
-                self._duration.observe(time.perf_counter() - started)
-            verdict = self.breaker.record_success
-            return answer
-        finally:
-            verdict()
+                verdict()
+            retries += 1
+            log.debug("backend %s: unavailable, retry %d in %.3fs", self.name, retries, backoff_s)
+            await asyncio.sleep(backoff_s)
 
 
 async def _acquire_before(semaphore: asyncio.Semaphore, timeout_s: float, what: str) -> None:

@@ -189,6 +189,11 @@ class OnnxBackendConfig(_Model):
     """Size of the dedicated thread pool that runs sessions, off the event loop."""
     max_inflight_batches: int = Field(4, ge=1)
     """Batches run at once."""
+    run_inline: Literal["auto", "always", "never"] = "auto"
+    """Run sessions on the event loop instead of the thread pool. ``auto``: per model, while its
+    measured run time stays under inline_max_us (measured at load, then on every run)."""
+    inline_max_us: int = Field(300, ge=0)
+    """With run_inline: auto, the run time (moving average) up to which a model runs inline."""
     breaker: BreakerConfig = BreakerConfig()
     """Circuit breaker of this backend."""
 
@@ -233,12 +238,16 @@ class ModelFeaturesConfig(_Model):
 class BatchingConfig(_Model):
     max_batch_size: int = Field(64, ge=1)
     """Rows merged into one backend call at most."""
+    dispatch: Literal["idle", "delay"] = "idle"
+    """When a batch goes out. ``idle``: as soon as a backend slot is free, with whatever is queued;
+    requests gather only while every slot is busy, so a lone caller never waits and batches grow
+    with load. ``delay``: Triton's rule, wait up to max_delay_us for a full or preferred-size batch."""
     max_delay_us: int = Field(1000, ge=0)
-    """Longest the first request of a batch waits for company."""
+    """With dispatch: delay, the longest the first request of a batch waits for company."""
     max_queue: int = Field(4096, ge=1)
     """Rows queued per variant; beyond it UNAVAILABLE at once."""
     preferred_batch_sizes: tuple[int, ...] = ()
-    """Sizes dispatched at once without waiting out max_delay_us."""
+    """With dispatch: delay, sizes dispatched at once without waiting out max_delay_us."""
 
 
 class RoutingConfig(_Model):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +23,7 @@ from infergate.gateway import metrics
 from infergate.gateway.config import ModelRouteConfig
 from infergate.gateway.errors import BackendUnavailable, GatewayError, Internal, NotFound
 from infergate.gateway.identity import ANONYMOUS, Identity
-from infergate.gateway.telemetry import outgoing_headers
-from infergate.router.batcher import Batcher
-from infergate.router.table import RouteTable, weighted_choice
+from infergate.router.selector import VariantSelector
 
 if TYPE_CHECKING:
     from infergate.gateway.features import FeatureStore
@@ -33,18 +31,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
 class CallContext:
     """What the gateway knows about one call besides its tensors."""
 
-    metadata: Mapping[str, str]
-    """Invocation metadata, keys lower-case (``x-infergate-variant``, ``traceparent``...)."""
-    parameters: Mapping[str, Any]
-    """Request parameters, already checked for reserved names."""
-    deadline: float
-    """Absolute, on ``time.monotonic``."""
-    identity: Identity = ANONYMOUS
-    """Who is calling (set by the auth layer)."""
+    __slots__ = ("metadata", "parameters", "deadline", "identity", "headers")
+
+    def __init__(
+        self,
+        metadata: Mapping[str, str],
+        parameters: Mapping[str, Any],
+        deadline: float,
+        identity: Identity = ANONYMOUS,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.metadata = metadata
+        """Invocation metadata, keys lower-case (``x-infergate-variant``, ``traceparent``...)."""
+        self.parameters = parameters
+        """Request parameters, already checked for reserved names."""
+        self.deadline = deadline
+        """Absolute, on ``time.monotonic``."""
+        self.identity = identity
+        """Who is calling (set by the auth layer)."""
+        self.headers = headers
+        """Trace context to pass to the backend (None: none)."""
 
 
 @dataclass(frozen=True)
@@ -55,11 +64,11 @@ class InferResult:
 
 
 class Variant:
-    """One variant of a model: a backend and the model name (or file) there.
+    """One variant of a model, built complete by the server: ``backend`` is the whole stack that
+    serves ``target`` (``Batcher(ResilientBackend(OnnxBackend))``, or the ``ResilientBackend`` alone
+    when the variant does not batch)."""
 
-    The server gives it a ``ResilientBackend`` (breaker, in-flight limit, retries, backend timing)
-    and, when the model has a ``batching`` block and a batched signature, a ``Batcher`` around it.
-    """
+    __slots__ = ("model", "name", "backend", "target", "signature", "fallback", "breaker", "ready", "served", "duration")
 
     def __init__(
         self,
@@ -67,6 +76,7 @@ class Variant:
         name: str,
         backend: Backend,
         target: str,
+        signature: ModelSignature,
         fallback: str = "",
         breaker: CircuitBreaker | None = None,
     ) -> None:
@@ -74,33 +84,27 @@ class Variant:
         self.name = name
         self.backend = backend
         self.target = target
+        self.signature = signature
         self.fallback = fallback
         self.breaker = breaker
-        self.signature: ModelSignature | None = None
-        self.batcher: Batcher | None = None
-        """Set by the server after ``load`` when this variant batches."""
         self.ready = True
         """The backend's last readiness answer for this model (kept by the server's poller)."""
-
-    async def load(self) -> ModelSignature:
-        self.signature = await self.backend.load(self.target)
-        return self.signature
+        self.served = metrics.REQUESTS.labels(model, name, "OK")
+        self.duration = metrics.REQUEST_DURATION.labels(model, name)
 
     def available(self) -> bool:
         """False while the model reports not ready or its backend is ejected: use the fallback at once."""
         return self.ready and (self.breaker is None or self.breaker.accepting())
 
-    async def infer(
+    def infer(
         self,
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str],
         deadline: float,
         headers: Mapping[str, str] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Run one request on this variant: through its batcher when it has one."""
-        if self.batcher is not None:
-            return await self.batcher.infer(inputs, outputs, deadline, headers)
-        return await self.backend.infer(self.target, inputs, outputs, deadline, headers)
+    ) -> Awaitable[dict[str, np.ndarray]]:
+        """Run one request on this variant's stack (returns the stack's awaitable: no frame of its own)."""
+        return self.backend.infer(self.target, inputs, outputs, deadline, headers)
 
 
 @dataclass
@@ -148,9 +152,6 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
 
 
-VariantChooser = Callable[[ModelEndpoint, CallContext], str]
-
-
 @dataclass(frozen=True)
 class CallRecord:
     """One finished call, for observers (canary analysis, shadow copies)."""
@@ -171,28 +172,17 @@ CallObserver = Callable[[CallRecord], None]
 """Called after each call on the event loop; must be cheap and must not raise."""
 
 
-def choose_by_weight(routes: RouteTable) -> VariantChooser:
-    """The simplest chooser: weighted random over the route's current weights."""
-
-    def choose(endpoint: ModelEndpoint, ctx: CallContext) -> str:
-        return weighted_choice(routes.get(endpoint.name))
-
-    return choose
-
-
 class Pipeline:
     """Routes validated calls to variants and records the outcome."""
 
     def __init__(
         self,
         endpoints: Mapping[str, ModelEndpoint],
-        routes: RouteTable,
-        chooser: VariantChooser | None = None,
+        selector: VariantSelector,
         observers: Sequence[CallObserver] = (),
     ):
         self.endpoints = dict(endpoints)
-        self.routes = routes
-        self.choose = chooser or choose_by_weight(routes)
+        self.selector = selector
         self.observers = tuple(observers)
 
     def endpoint(self, model: str) -> ModelEndpoint:
@@ -209,32 +199,33 @@ class Pipeline:
         ctx: CallContext,
         rows: int = 0,
     ) -> InferResult:
+        """Choose a variant, add online features, run it (its fallback chain while backends are
+        down) and record the outcome; GatewayErrors pass through, anything else becomes INTERNAL."""
         started = time.perf_counter_ns()
-        chosen = variant_name = self.choose(endpoint, ctx)
+        chosen, _reason = self.selector.select(endpoint.name, endpoint.variants, ctx.metadata, ctx.parameters)
+        variant = endpoint.variants[chosen]
         code = "OK"
         result: InferResult | None = None
         try:
-            headers = _forwarded_headers(ctx.metadata)
-            if endpoint.feature_store is not None and endpoint.config.features is not None:
-                inputs = await endpoint.feature_store.enrich(endpoint.config.features, inputs, ctx.deadline)
-            tried: set[str] = set()
-            while True:  # the chosen variant, then its fallback chain while backends are down
-                variant = endpoint.variants[variant_name]
-                tried.add(variant_name)
+            if endpoint.feature_store is not None:
+                inputs = await endpoint.feature_store.enrich(endpoint.config.features, inputs, ctx.deadline)  # type: ignore[arg-type]
+            tried: tuple[str, ...] = ()
+            while True:
+                tried += (variant.name,)
                 fallback = variant.fallback if variant.fallback not in tried else ""
                 if fallback and not variant.available():
-                    variant_name = fallback
+                    variant = endpoint.variants[fallback]
                     continue
                 try:
-                    answer = await variant.infer(inputs, outputs, ctx.deadline, headers)
+                    answer = await variant.backend.infer(variant.target, inputs, outputs, ctx.deadline, ctx.headers)
                 except BackendUnavailable:
                     if not fallback or time.monotonic() >= ctx.deadline:
                         raise
-                    variant_name = fallback
+                    variant = endpoint.variants[fallback]
                     continue
-                if variant_name != chosen:
-                    metrics.FALLBACKS.labels(endpoint.name, chosen, variant_name).inc()
-                result = InferResult(answer, variant_name)
+                if variant.name != chosen:
+                    metrics.FALLBACKS.labels(endpoint.name, chosen, variant.name).inc()
+                result = InferResult(answer, variant.name)
                 return result
         except GatewayError as exc:
             code = exc.code.name
@@ -244,26 +235,17 @@ class Pipeline:
             raise
         except Exception as exc:
             code = "INTERNAL"
-            log.exception("model %s variant %s failed", endpoint.name, variant_name)
+            log.exception("model %s variant %s failed", endpoint.name, variant.name)
             raise Internal("internal error while serving the request") from exc
         finally:
             duration = time.perf_counter_ns() - started
             endpoint.stats.record(code == "OK", duration, rows)
-            metrics.REQUESTS.labels(endpoint.name, variant_name, code).inc()
             if code == "OK":
-                metrics.REQUEST_DURATION.labels(endpoint.name, variant_name).observe(duration / 1e9)
+                variant.served.inc()
+                variant.duration.observe(duration / 1e9)
+            else:
+                metrics.REQUESTS.labels(endpoint.name, variant.name, code).inc()
             if self.observers:
                 record = CallRecord(endpoint, chosen, code, duration / 1e9, inputs, outputs, result)
                 for observe in self.observers:
                     observe(record)
-
-
-_FORWARDED = ("traceparent", "tracestate")
-
-
-def _forwarded_headers(metadata: Mapping[str, str]) -> dict[str, str] | None:
-    """Trace context for the backend: the gateway's own span when tracing is on, else the caller's."""
-    headers = outgoing_headers()
-    if headers is None:
-        headers = {key: metadata[key] for key in _FORWARDED if key in metadata} or None
-    return headers

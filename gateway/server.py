@@ -38,7 +38,7 @@ from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
 from infergate.router.batcher import Batcher
-from infergate.router.runtime import Routing
+from infergate.gateway.routing import Routing
 from infergate.router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Gateway:
                 metrics.ROUTE_WEIGHT.labels(model_name, variant).set(weight)
         self.routing = Routing(self.config, self.routes, endpoints, self._clock)
         await self.routing.start()
-        self.pipeline = Pipeline(endpoints, self.routes, self.routing.selector, self.routing.observers)
+        self.pipeline = Pipeline(endpoints, self.routing.selector, self.routing.observers)
         await self._start_server()
         if self.config.server.metrics_listen:
             try:
@@ -165,60 +165,63 @@ class Gateway:
     async def _load_model(self, model_name: str, model_config: ModelRouteConfig) -> ModelEndpoint:
         variants: dict[str, Variant] = {}
         for name, variant_config in model_config.variants.items():
-            backend = self.resilient[variant_config.backend]
-            target = str(variant_config.path) if backend.kind == "onnx" else variant_config.model
-            variant = Variant(model_name, name, backend, target, variant_config.fallback, backend.breaker)
-            try:
-                await variant.load()
-            except GatewayError as exc:
-                raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
-            variants[name] = variant
+            variants[name] = await self._build_variant(model_name, name, model_config)
         baseline = variants[model_config.baseline]
-        assert baseline.signature is not None
         for name, variant in variants.items():
             _check_compatible(model_name, model_config.baseline, baseline.signature, name, variant.signature)
-        for variant in variants.values():
-            await self._start_resilience(variant, model_config)
         signature = baseline.signature
+        feature_store = None
         if model_config.features is not None:
             view = self.config.feature_views[model_config.features.view]
             try:
                 signature = gateway_signature(signature, model_config.features, view.dim)
             except ValueError as exc:
                 raise StartupError(f"models.{model_name}.features: {exc}") from exc
-        return ModelEndpoint(model_name, model_config, variants, signature, feature_store=self.feature_store)
+            feature_store = self.feature_store
+        return ModelEndpoint(model_name, model_config, variants, signature, feature_store=feature_store)
 
-    async def _start_resilience(self, variant: Variant, model_config: ModelRouteConfig) -> None:
-        """A batcher when the model batches and the signature allows; a readiness poller for Triton."""
-        backend_config = self.config.backends[variant.backend.name]
-        signature = variant.signature
-        if model_config.batching is not None and signature is not None:
+    async def _build_variant(self, model_name: str, name: str, model_config: ModelRouteConfig) -> Variant:
+        """One variant, complete: its stack (``Batcher(ResilientBackend(...))`` when the model
+        batches and its signature allows), its signature, and a readiness poller for Triton."""
+        variant_config = model_config.variants[name]
+        backend_config = self.config.backends[variant_config.backend]
+        resilient_backend = self.resilient[variant_config.backend]
+        target = str(variant_config.path) if backend_config.kind == "onnx" else variant_config.model
+        try:
+            signature = await resilient_backend.load(target)
+        except GatewayError as exc:
+            raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
+        stack: Backend = resilient_backend
+        if model_config.batching is not None:
             if signature.batched:
                 limits = [model_config.batching.max_batch_size, signature.max_batch_size]
-                variant.batcher = Batcher(
-                    variant.backend,
-                    variant.target,
+                batcher = Batcher(
+                    resilient_backend,
+                    target,
                     model_config.batching,
                     max_rows=min(limit for limit in limits if limit > 0),
                     max_inflight=backend_config.max_inflight_batches,
-                    model=variant.model,
-                    variant=variant.name,
+                    model=model_name,
+                    variant=name,
                     clock=self._clock,
                 )
-                self._batchers.append(variant.batcher)
-                await variant.batcher.start()
+                self._batchers.append(batcher)
+                await batcher.start()
+                stack = batcher
             else:
-                log.warning("model %s variant %s: not batched, batching is off for it", variant.model, variant.name)
+                log.warning("model %s variant %s: not batched, batching is off for it", model_name, name)
+        variant = Variant(
+            model_name, name, stack, target, signature, variant_config.fallback, resilient_backend.breaker
+        )
         if backend_config.kind == "triton":
 
-            def note(ready: bool, variant: Variant = variant) -> None:
+            def note(ready: bool) -> None:
                 variant.ready = ready
 
-            poller = ReadinessPoller(
-                lambda variant=variant: variant.backend.ready(variant.target), backend_config.readiness_poll_s, note
-            )
+            poller = ReadinessPoller(lambda: resilient_backend.ready(target), backend_config.readiness_poll_s, note)
             self._pollers.append(poller)
             await poller.start()
+        return variant
 
     async def _start_server(self) -> None:
         limit = self.config.server.max_message_bytes
@@ -303,7 +306,7 @@ class Gateway:
         for poller in self._pollers:
             await poller.stop()
         for batcher in self._batchers:  # in-flight calls are done: nothing is waiting on these
-            await batcher.stop()
+            await batcher.close()
         for backend in self.resilient.values():  # each closes the backend it wraps
             try:
                 await backend.close()

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 
@@ -35,7 +35,7 @@ from infergate.gateway.errors import (
 )
 from infergate.gateway.config import TelemetryConfig
 from infergate.gateway.identity import current_identity
-from infergate.gateway.telemetry import Tracing, mark_error
+from infergate.gateway.telemetry import Tracing, mark_error, outgoing_headers
 from infergate.gateway.pipeline import CallContext, ModelEndpoint, Pipeline
 
 log = logging.getLogger(__name__)
@@ -68,33 +68,6 @@ async def status_boundary(context: grpc.aio.ServicerContext) -> AsyncIterator[No
     except Exception as exc:  # the single mapping point
         code, message = to_status(exc)
         await context.abort(code, message)
-
-
-def invocation_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The call's text metadata, keys lower-case."""
-    return {key.lower(): value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
-
-
-def call_context(
-    context: grpc.aio.ServicerContext,
-    parameters: dict,
-    default_deadline_s: float,
-    clock: Callable[[], float] = time.monotonic,
-    metadata: dict[str, str] | None = None,
-) -> CallContext:
-    """The call's metadata and one absolute deadline (the caller's, else the default)."""
-    if metadata is None:
-        metadata = invocation_metadata(context)
-    remaining = context.time_remaining()
-    timeout = default_deadline_s if remaining is None else min(remaining, 10 * 365 * 86400)
-    if timeout <= 0:
-        raise DeadlineExceeded("deadline passed before the gateway received the call")
-    return CallContext(
-        metadata=metadata,
-        parameters=parameters,
-        deadline=clock() + timeout,
-        identity=current_identity.get(),
-    )
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -198,8 +171,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference -----------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        async with status_boundary(context):
+        try:
             return await self._infer(request, context)
+        except GatewayError as exc:  # the common failure, mapped here without a context manager's frames
+            await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = to_status(exc)
+            await context.abort(code, message)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """One response per request, in completion order; errors travel as ``error_message``."""
@@ -246,33 +226,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.gather(reader, *tasks, return_exceptions=True)
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        """One inference request (unary, or one of a stream), counted for the drain."""
+        """One inference request (unary, or one of a stream): counted for the drain, traced when on."""
         if not self._is_ready():
             self._last_activity = time.monotonic()
             raise Unavailable("the gateway is not serving (shutting down or starting); try another replica")
         self._in_flight += 1
         try:
-            return await self._infer_admitted(request, context)
+            metadata = dict(context.invocation_metadata() or ())  # gRPC metadata keys are lower-case
+            if not self._tracing.enabled:
+                return await self._serve(request, context, metadata, _forwarded(metadata))
+            with self._tracing.server_span("infergate/ModelInfer", metadata, {"infergate.model": request.model_name}) as span:
+                try:
+                    response = await self._serve(request, context, metadata, outgoing_headers())
+                except GatewayError as exc:
+                    mark_error(span, exc.code.name, exc.message)
+                    raise
+                if span.is_recording():
+                    span.set_attribute("infergate.variant", response.parameters["variant"].string_param)
+                return response
         finally:
             self._in_flight -= 1
             self._last_activity = time.monotonic()
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
 
-    async def _infer_admitted(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        metadata = invocation_metadata(context)
-        with self._tracing.server_span("infergate/ModelInfer", metadata, {"infergate.model": request.model_name}) as span:
-            try:
-                endpoint = self._endpoint(request.model_name, request.model_version)
-                decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
-                ctx = call_context(context, decoded.parameters, self._default_deadline_s, metadata=metadata)
-                result = await self._pipeline.infer(endpoint, decoded.inputs, decoded.outputs, ctx, decoded.rows)
-            except GatewayError as exc:
-                mark_error(span, exc.code.name, exc.message)
-                raise
-            if span.is_recording():
-                span.set_attribute("infergate.variant", result.variant)
-            return encode_infer_response(endpoint.name, request.id, result.outputs, result.variant)
+    async def _serve(self, request: pb.ModelInferRequest, context, metadata: dict, headers) -> pb.ModelInferResponse:
+        endpoint = self._endpoint(request.model_name, request.model_version)
+        decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
+        remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self._default_deadline_s
+        elif remaining <= 0:
+            raise DeadlineExceeded("deadline passed before the gateway received the call")
+        ctx = CallContext(metadata, decoded.parameters, time.monotonic() + remaining, current_identity.get(), headers)
+        result = await self._pipeline.infer(endpoint, decoded.inputs, decoded.outputs, ctx, decoded.rows)
+        return encode_infer_response(endpoint.name, request.id, result.outputs, result.variant)
 
     # -- everything Triton has that a gateway does not offer -------------------------------------
 
@@ -313,3 +301,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         except Exception as exc:
             raise Internal("readiness check failed") from exc
+
+
+_FORWARDED = ("traceparent", "tracestate")
+
+
+def _forwarded(metadata: Mapping[str, str]) -> dict[str, str] | None:
+    """With tracing off, the caller's own trace context goes to the backend as it came."""
+    if "traceparent" not in metadata:
+        return None
+    return {key: metadata[key] for key in _FORWARDED if key in metadata}

@@ -1,10 +1,20 @@
-"""The dynamic batcher of one variant, composed around its backend (Triton's dynamic batcher, in-gateway).
+"""The dynamic batcher of one variant: a ``Backend`` composed around the backend it batches for.
 
-``Batcher.infer`` queues one validated request and returns its own slice of a batched answer.
-Requests whose inputs have the same names, dtypes and trailing shapes (the group key) are merged
-along the first axis until ``max_rows`` rows are queued, or a preferred size is reached, or
-``max_delay_us`` has passed since the oldest of them arrived. A batch never mixes groups, and a
-batcher serves one variant of one model, so a batch never mixes models or variants.
+``Batcher(ResilientBackend(OnnxBackend))`` is what a batching variant calls. ``Batcher.infer``
+queues one validated request and returns its own slice of a batched answer. Requests whose inputs
+have the same names, dtypes and trailing shapes (the group key) are merged along the first axis.
+A batch never mixes groups, and a batcher serves one variant of one model, so a batch never
+mixes models or variants.
+
+When a batch goes out (``BatchingConfig.dispatch``):
+
+- ``idle`` (the default): as soon as one of the ``max_inflight`` backend slots is free, with
+  everything queued (up to ``max_rows``). A lone caller on an idle backend is sent at once and
+  waits for nobody; while every slot is busy, requests gather, so batches grow with the load and
+  the backend's speed sets their size (Clipper's adaptive batching, "dispatch when the device is
+  idle").
+- ``delay``: Triton's dynamic batcher. A group goes out when it holds ``max_rows`` rows or a
+  preferred size, or ``max_delay_us`` after its oldest request arrived.
 
 Promises:
 
@@ -14,12 +24,14 @@ Promises:
   A waiter whose future is already done (the caller was cancelled or timed out) is skipped.
 - At most ``max_queue`` rows wait; beyond that a request is refused at once with UNAVAILABLE.
   A request leaves the count the moment it is dispatched, dropped, cancelled or timed out.
-- A request whose deadline has passed is dropped before dispatch with DEADLINE_EXCEEDED and never
-  reaches the backend; the backend call gets the tightest deadline of the batch.
-- At most ``max_inflight`` batches are at the backend at once; while they are all out, requests
-  keep queueing and the next batch is larger (the backend's speed sets the batch size).
+- A caller's deadline ends its own call and no other. One timer per batcher, armed for the
+  earliest deadline among the callers waiting (queued or in a batch at the backend), fails
+  exactly the callers whose deadline has passed with DEADLINE_EXCEEDED. A queued request whose
+  deadline has passed never reaches the backend. A batch is sent with the latest deadline of the
+  callers still waiting for it, so a short-deadline batch-mate cannot cut the others' call short.
 
-Time comes from an injected ``clock``; the dispatcher's waits are derived from it.
+Time comes from an injected ``clock``; the dispatcher's and the deadline timer's waits are
+derived from it.
 """
 
 from __future__ import annotations
@@ -29,11 +41,10 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from infergate.backends.base import Backend
+from infergate.backends.base import Backend, ModelSignature
 from infergate.gateway import metrics
 from infergate.gateway.config import BatchingConfig
 from infergate.gateway.errors import DeadlineExceeded, GatewayError, Internal, InvalidArgument, Unavailable
@@ -48,26 +59,31 @@ def group_key(inputs: Mapping[str, np.ndarray]) -> GroupKey:
     return tuple(sorted((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items()))
 
 
-@dataclass(eq=False)
 class _Request:
-    inputs: Mapping[str, np.ndarray]
-    outputs: Sequence[str]
-    rows: int
-    deadline: float
-    headers: Mapping[str, str] | None
-    key: GroupKey
-    enqueued: float
-    future: asyncio.Future = field(repr=False)
-    queued: bool = True
-    """Counted in the queue depth; false once dispatched, dropped, cancelled or timed out."""
+    __slots__ = ("inputs", "outputs", "rows", "deadline", "headers", "key", "enqueued", "future", "queued")
+
+    def __init__(self, inputs, outputs, rows, deadline, headers, key, enqueued, future) -> None:
+        self.inputs: Mapping[str, np.ndarray] = inputs
+        self.outputs: Sequence[str] = outputs
+        self.rows: int = rows
+        self.deadline: float = deadline
+        self.headers: Mapping[str, str] | None = headers
+        self.key: GroupKey = key
+        self.enqueued: float = enqueued
+        self.future: asyncio.Future = future
+        self.queued = True
+        """Counted in the queue depth; false once dispatched, dropped, cancelled or timed out."""
 
 
-class Batcher:
-    """Dynamic batching for one variant; ``start`` inside the loop, ``stop`` on shutdown."""
+class Batcher(Backend):
+    """Dynamic batching for one variant's ``target`` on ``inner``; ``start`` inside the loop, ``close`` on shutdown.
+
+    ``inner`` is shared with other variants, so the batcher neither starts nor closes it.
+    """
 
     def __init__(
         self,
-        backend: Backend,
+        inner: Backend,
         target: str,
         config: BatchingConfig,
         *,
@@ -80,14 +96,15 @@ class Batcher:
         """``max_rows`` is the largest batch (the config's, capped by the model's own limit)."""
         if max_rows < 1 or max_inflight < 1:
             raise ValueError("max_rows and max_inflight must be at least 1")
-        self._backend = backend
+        super().__init__(inner.name, clock)
+        self.inner = inner
         self._target = target
         self._max_rows = max_rows
+        self._idle_dispatch = config.dispatch == "idle"
         self._max_delay_s = config.max_delay_us / 1e6
         self._max_queue = config.max_queue
         self._preferred = frozenset(size for size in config.preferred_batch_sizes if size <= max_rows)
         self._max_inflight = max_inflight
-        self._clock = clock
         self._depth_gauge = metrics.QUEUE_DEPTH.labels(model, variant)
         self._batch_size = metrics.BATCH_SIZE.labels(model, variant)
         self._queue_wait = metrics.QUEUE_WAIT.labels(model, variant)
@@ -97,11 +114,20 @@ class Batcher:
         self._depth = 0
         self._inflight = 0
         self._accepting = False
+        self._waiting: set[_Request] = set()
+        """Callers not answered yet (queued or in a batch at the backend), for the deadline timer."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline = float("inf")
         # asyncio objects are created in start(), inside the running loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._dispatcher: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
+
+    @property
+    def kind(self) -> str:
+        return self.inner.kind
 
     @property
     def max_rows(self) -> int:
@@ -118,12 +144,13 @@ class Batcher:
         return self._inflight
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(self._max_inflight)
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name=f"batcher {self._what}")
         self._accepting = True
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Refuse new requests, fail the queued ones with UNAVAILABLE, cancel batches still out."""
         self._accepting = False
         tasks = [t for t in (self._dispatcher, *self._batches) if t is not None]
@@ -131,6 +158,9 @@ class Batcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._dispatcher = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for queue in self._groups.values():
             for request in queue:
                 if request.queued:
@@ -140,14 +170,22 @@ class Batcher:
         self._groups.clear()
         self._group_rows.clear()
 
+    async def load(self, model: str) -> ModelSignature:
+        return await self.inner.load(model)
+
+    async def ready(self, model: str) -> bool:
+        return await self.inner.ready(model)
+
     async def infer(
         self,
+        model: str,
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str],
         deadline: float,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Queue one validated request; return its outputs (views into the batch's answer)."""
+        """Queue one validated request for ``model`` (this batcher's target); return its outputs
+        (views into the batch's answer)."""
         if not inputs:
             raise InvalidArgument("a batched request needs at least one input")
         rows = next(iter(inputs.values())).shape[0]
@@ -156,26 +194,59 @@ class Batcher:
         now = self._clock()
         if deadline <= now:
             raise DeadlineExceeded("deadline passed before the request was queued")
-        if not self._accepting or self._wakeup is None:
+        if not self._accepting or self._loop is None:
             raise Unavailable(f"{self._what}: not accepting requests (starting or shutting down)")
         if self._depth + rows > self._max_queue:
             raise Unavailable(f"{self._what}: batch queue full ({self._depth} of {self._max_queue} rows waiting)")
         key = group_key(inputs)
-        future = asyncio.get_running_loop().create_future()
-        request = _Request(inputs, outputs, rows, deadline, headers, key, now, future)
-        self._groups.setdefault(key, collections.deque()).append(request)
-        self._group_rows[key] = self._group_rows.get(key, 0) + rows
+        request = _Request(inputs, outputs, rows, deadline, headers, key, now, self._loop.create_future())
+        queue = self._groups.get(key)
+        if queue is None:
+            queue = self._groups[key] = collections.deque()
+            self._group_rows[key] = 0
+        queue.append(request)
+        self._group_rows[key] += rows
         self._depth += rows
         self._depth_gauge.set(self._depth)
-        self._wakeup.set()
+        self._waiting.add(request)
+        if deadline < self._timer_deadline:
+            self._arm_timer(deadline, now)
+        self._wakeup.set()  # type: ignore[union-attr]
         try:
-            async with asyncio.timeout(deadline - now):
-                return await future
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"deadline passed while waiting for a batch of {self._what}") from exc
+            return await request.future
         finally:
+            self._waiting.discard(request)
             if request.queued:  # cancelled or timed out before dispatch: free its place now
                 self._unqueue(request)
+
+    # -- deadlines -----------------------------------------------------------------------------
+
+    def _arm_timer(self, deadline: float, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_deadline = deadline
+        self._timer = self._loop.call_later(max(deadline - now, 0.0), self._expire)  # type: ignore[union-attr]
+
+    def _expire(self) -> None:
+        """The earliest deadline is due: fail every caller whose deadline has passed, re-arm for the next."""
+        self._timer = None
+        now = self._clock()
+        # The timer fired, so its deadline has passed even on a clock that has not moved (tests).
+        due = max(now, self._timer_deadline)
+        self._timer_deadline = float("inf")
+        earliest = float("inf")
+        for request in list(self._waiting):
+            if request.deadline <= due:
+                self._waiting.discard(request)
+                where = "in the batch queue" if request.queued else "for the backend"
+                if request.queued:
+                    self._unqueue(request)
+                if not request.future.done():
+                    request.future.set_exception(DeadlineExceeded(f"deadline passed while waiting {where} ({self._what})"))
+            elif request.deadline < earliest:
+                earliest = request.deadline
+        if earliest != float("inf"):
+            self._arm_timer(earliest, now)
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -211,8 +282,11 @@ class Batcher:
                     return batch
                 continue  # everything taken had expired or gone
             self._wakeup.clear()
+            if key is None:
+                await self._wakeup.wait()
+                continue
             try:
-                async with asyncio.timeout(wait_s if key is not None else None):
+                async with asyncio.timeout(wait_s):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
@@ -220,7 +294,8 @@ class Batcher:
     def _due_group(self) -> tuple[GroupKey | None, float]:
         """The group to send next and the seconds until it is due (<= 0: now); drops empty groups.
 
-        A group is due at once when it holds ``max_rows`` rows or a preferred size, else
+        With idle dispatch every group is due at once; the oldest goes first. With delay
+        dispatch a group is due at once when it holds ``max_rows`` rows or a preferred size, else
         ``max_delay_us`` after its oldest live request arrived; of several, the earliest due wins.
         """
         best: tuple[bool, float, GroupKey] | None = None  # (waiting out its delay, due, key)
@@ -232,8 +307,11 @@ class Batcher:
                 del self._groups[key]
                 del self._group_rows[key]
                 continue
-            rows = self._group_rows[key]
-            waiting = rows < self._max_rows and rows not in self._preferred
+            if self._idle_dispatch:
+                waiting = False
+            else:
+                rows = self._group_rows[key]
+                waiting = rows < self._max_rows and rows not in self._preferred
             due = queue[0].enqueued + (self._max_delay_s if waiting else 0.0)
             if best is None or (waiting, due) < best[:2]:
                 best = (waiting, due, key)
@@ -278,11 +356,11 @@ class Batcher:
             rows = sum(r.rows for r in live)
             self._batch_size.observe(rows)
             try:
-                answer = await self._backend.infer(
+                answer = await self.inner.infer(
                     self._target,
                     _concatenate(live),
-                    _union(r.outputs for r in live),
-                    min(r.deadline for r in live),
+                    _union(live),
+                    max(r.deadline for r in live),
                     live[0].headers,
                 )
                 _split(live, answer, rows)
@@ -305,10 +383,12 @@ def _concatenate(requests: Sequence[_Request]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([r.inputs[name] for r in requests], axis=0) for name in requests[0].inputs}
 
 
-def _union(outputs_per_request) -> list[str]:
+def _union(requests: Sequence[_Request]) -> list[str]:
+    if len(requests) == 1:
+        return list(requests[0].outputs)
     names: dict[str, None] = {}
-    for outputs in outputs_per_request:
-        names.update(dict.fromkeys(outputs))
+    for request in requests:
+        names.update(dict.fromkeys(request.outputs))
     return list(names)
 
 
@@ -316,6 +396,11 @@ def _split(requests: Sequence[_Request], answer: Mapping[str, np.ndarray], rows:
     for name, array in answer.items():
         if array.ndim == 0 or array.shape[0] != rows:
             raise Internal(f"backend returned {name} with shape {list(array.shape)} for a batch of {rows} rows")
+    if len(requests) == 1:
+        request = requests[0]
+        if not request.future.done():
+            request.future.set_result({name: answer[name] for name in request.outputs})
+        return
     offset = 0
     for request in requests:
         end = offset + request.rows

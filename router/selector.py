@@ -2,9 +2,10 @@
 
 In order:
 
-1. **Pin.** ``x-infergate-variant`` metadata names the variant. The caller must be allowed to
-   infer the model (PERMISSION_DENIED otherwise); an unknown name is INVALID_ARGUMENT. A pin may
-   name a variant whose weight is 0 (that is what pins are for: trying a candidate by hand).
+1. **Pin.** ``x-infergate-variant`` metadata names the variant; an unknown name is
+   INVALID_ARGUMENT. A pin may name a variant whose weight is 0 (that is what pins are for: trying
+   a candidate by hand). Only a caller allowed to infer the model gets this far: the servicer
+   checks the ``infer:<model>`` scope before anything else, pins included.
 2. **Sticky key.** When the model's ``routing.sticky_key`` names a request parameter (else a
    metadata key) that the call carries, the key is hashed with BLAKE2b and the route's salt (the
    model name unless ``routing.salt`` is set) into one of ``BUCKETS`` buckets. Each bucket belongs
@@ -28,19 +29,18 @@ import bisect
 import hashlib
 import itertools
 import random
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from infergate.gateway.errors import InvalidArgument, PermissionDenied
+from infergate.gateway.errors import InvalidArgument
 from infergate.router.table import Route, RouteTable
 
-if TYPE_CHECKING:  # the pipeline imports this module's users, not the other way round
-    from infergate.gateway.pipeline import CallContext, ModelEndpoint
-
 PIN_METADATA = "x-infergate-variant"
+PINNED, STICKY, WEIGHTED = "pin", "sticky", "weighted"
+"""Why a variant was chosen (the routing span's ``infergate.route.reason``)."""
 BUCKETS = 10000
 """Sticky buckets per route: shares are realised to about 0.01 %."""
 
@@ -112,11 +112,17 @@ class RoutePlan:
 
 
 class VariantSelector(abc.ABC):
-    """Chooses the variant of ``endpoint`` that serves a call; must be cheap and never block."""
+    """Chooses the variant that serves a call; must be cheap and never block."""
 
     @abc.abstractmethod
-    def __call__(self, endpoint: ModelEndpoint, ctx: CallContext) -> str:
-        """The variant's name; raises InvalidArgument or PermissionDenied for a bad pin."""
+    def select(
+        self, model: str, variants: Collection[str], metadata: Mapping[str, str], parameters: Mapping[str, Any]
+    ) -> tuple[str, str]:
+        """``(variant, reason)`` for a call to ``model``, whose variants are ``variants``.
+
+        ``metadata`` is the call's (keys lower-case), ``parameters`` the request's. Raises
+        InvalidArgument for a pin naming no variant of the model.
+        """
 
 
 class RouteSelector(VariantSelector):
@@ -148,21 +154,24 @@ class RouteSelector(VariantSelector):
             self._plans[route.model] = plan
         return plan
 
-    def __call__(self, endpoint: ModelEndpoint, ctx: CallContext) -> str:
-        model = endpoint.name
-        pinned = ctx.metadata.get(PIN_METADATA)
+    def select(
+        self, model: str, variants: Collection[str], metadata: Mapping[str, str], parameters: Mapping[str, Any]
+    ) -> tuple[str, str]:
+        pinned = metadata.get(PIN_METADATA)
         if pinned is not None:
-            return self._pinned(endpoint, ctx, pinned)
+            if pinned not in variants:
+                raise InvalidArgument(f"{PIN_METADATA}: model {model!r} has no variant {pinned!r}; it has {sorted(variants)}")
+            return pinned, PINNED
         route = self._routes.get(model)
         plan = self._plans.get(model)
         if plan is None or plan.route is not route:
             plan = self.prepare(route)
         sticky = self._sticky.get(model)
         if sticky is not None:
-            key = _sticky_value(sticky[0], ctx)
+            key = _sticky_value(sticky[0], metadata, parameters)
             if key is not None:
-                return plan.owners[sticky_bucket(sticky[1], key)]  # type: ignore[index]
-        return plan.random_variant(self._rng)
+                return plan.owners[sticky_bucket(sticky[1], key)], STICKY  # type: ignore[index]
+        return plan.random_variant(self._rng), WEIGHTED
 
     def choose_sticky(self, model: str, key: str | bytes) -> str:
         """The variant ``key`` maps to under the current route (for tools and tests)."""
@@ -173,22 +182,12 @@ class RouteSelector(VariantSelector):
         plan = self.prepare(self._routes.get(model))
         return plan.owners[sticky_bucket(sticky[1], data)]  # type: ignore[index]
 
-    @staticmethod
-    def _pinned(endpoint: ModelEndpoint, ctx: CallContext, pinned: str) -> str:
-        if not ctx.identity.may_infer(endpoint.name):
-            raise PermissionDenied(f"pinning a variant of {endpoint.name!r} needs the infer:{endpoint.name} scope")
-        if pinned not in endpoint.variants:
-            raise InvalidArgument(
-                f"{PIN_METADATA}: model {endpoint.name!r} has no variant {pinned!r}; it has {sorted(endpoint.variants)}"
-            )
-        return pinned
 
-
-def _sticky_value(name: str, ctx: CallContext) -> bytes | None:
+def _sticky_value(name: str, metadata: Mapping[str, str], parameters: Mapping[str, Any]) -> bytes | None:
     """The sticky key's value from the request parameters, else from metadata."""
-    value: Any = ctx.parameters.get(name)
+    value: Any = parameters.get(name)
     if value is None:
-        value = ctx.metadata.get(name.lower())
+        value = metadata.get(name.lower())
         if value is None:
             return None
     if isinstance(value, bytes):

@@ -6,7 +6,6 @@ revision even while an SRE changes weights.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -89,14 +88,3 @@ class RouteTable:
             return False
         self._routes[route.model] = route
         return True
-
-
-def weighted_choice(route: Route, rng: random.Random | None = None) -> str:
-    """Pick a variant with probability proportional to its weight."""
-    total = route.total_weight
-    point = (rng or random).random() * total
-    for name in route.variants:
-        point -= route.weights.get(name, 0)
-        if point < 0:
-            return name
-    return next(name for name in reversed(route.variants) if route.weights.get(name, 0) > 0)

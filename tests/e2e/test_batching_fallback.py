@@ -47,7 +47,12 @@ def batched_config(triton_url: str, model: str = "linear_v1", backend: str = "tr
             "triton": {"kind": "triton", "url": triton_url, "timeout_ms": 20000, "max_inflight_batches": 2},
             "onnx": {"kind": "onnx", "intra_op_threads": 1, "pool_threads": 2},
         },
-        "models": {"linear": {"batching": {"max_batch_size": 64, "max_delay_us": 20000, **batching}, "variants": {"v1": variant}}},
+        "models": {
+            "linear": {
+                "batching": {"max_batch_size": 64, "dispatch": "delay", "max_delay_us": 20000, **batching},
+                "variants": {"v1": variant},
+            }
+        },
     }
 
 
@@ -152,6 +157,26 @@ async def test_128_concurrent_single_row_calls_reach_triton_as_far_fewer_request
     assert 1 <= reached["success"] <= CALLERS // 4, reached
 
 
+async def test_idle_dispatch_answers_128_concurrent_callers_each_with_its_own_rows(triton_server):
+    """The default dispatch sends at once when a slot is free; every caller still gets its own answer."""
+    before = settled_triton_counts(triton_server.url, "linear_v1")
+    inputs = [rows_for(5000 + i, rows=1) for i in range(CALLERS)]
+    async with running_gateway(batched_config(triton_server.url, dispatch="idle")) as gateway:
+        client = aioclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        try:
+            results = await asyncio.gather(
+                *(client.infer("linear", [linear_input(x)], client_timeout=CLIENT_TIMEOUT_S) for x in inputs)
+            )
+        finally:
+            await client.close()
+    reached = delta(triton_counts(triton_server.url, "linear_v1"), before)
+    for x, result in zip(inputs, results):
+        assert_matches_reference(result_outputs(result), x)
+    assert reached["rows"] == CALLERS
+    assert reached["fail"] == 0
+    assert 1 <= reached["success"] <= CALLERS
+
+
 @pytest.mark.parametrize("backend", ["triton", "onnx"])
 async def test_bad_requests_among_good_ones_are_refused_and_the_good_ones_answered(triton_server, model_paths, backend):
     config = batched_config(triton_server.url, backend=backend)
@@ -197,7 +222,7 @@ async def test_queue_full_deadline_and_cancellation_against_a_busy_triton(triton
     before = settled_triton_counts(triton_server.url, "slow")
     x = {name: rows_for(3000 + i, rows=1) for i, name in enumerate("ABCDE")}
     async with running_gateway(config) as gateway:
-        batcher = gateway.pipeline.endpoints["linear"].variants["v1"].batcher
+        batcher = gateway.pipeline.endpoints["linear"].variants["v1"].backend
         client = aioclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
 
         def call(name: str, timeout_s: float = CLIENT_TIMEOUT_S):

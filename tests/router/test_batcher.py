@@ -30,9 +30,16 @@ async def make_batcher(backend: RecordingBackend, clock: FakeClock):
     """``make_batcher(**batching)`` builds and starts a batcher; all are stopped after the test."""
     started: list[Batcher] = []
 
-    async def make(max_rows: int = 8, max_delay_us: int = FOREVER_US, max_queue: int = 64, preferred=(), max_inflight: int = 4):
+    async def make(
+        max_rows: int = 8, max_delay_us: int = FOREVER_US, max_queue: int = 64, preferred=(), max_inflight: int = 4,
+        dispatch: str = "delay",
+    ):
         config = BatchingConfig(
-            max_batch_size=max_rows, max_delay_us=max_delay_us, max_queue=max_queue, preferred_batch_sizes=preferred
+            max_batch_size=max_rows,
+            max_delay_us=max_delay_us,
+            max_queue=max_queue,
+            preferred_batch_sizes=preferred,
+            dispatch=dispatch,
         )
         batcher = Batcher(
             backend, "model", config, max_rows=max_rows, max_inflight=max_inflight, model="m", variant="v", clock=clock
@@ -43,7 +50,7 @@ async def make_batcher(backend: RecordingBackend, clock: FakeClock):
 
     yield make
     for batcher in started:
-        await batcher.stop()
+        await batcher.close()
 
 
 def rows(first: int, count: int = 1, width: int = 4) -> dict[str, np.ndarray]:
@@ -59,7 +66,7 @@ async def settle() -> None:
 
 
 def submit(batcher: Batcher, clock: FakeClock, inputs, outputs=("DOUBLE",), deadline_s: float = DEADLINE_S) -> asyncio.Task:
-    return asyncio.create_task(batcher.infer(inputs, list(outputs), clock() + deadline_s))
+    return asyncio.create_task(batcher.infer("model", inputs, list(outputs), clock() + deadline_s))
 
 
 async def code_of(task: asyncio.Task) -> grpc.StatusCode:
@@ -71,7 +78,7 @@ async def code_of(task: asyncio.Task) -> grpc.StatusCode:
 async def test_concurrent_requests_become_one_backend_call_and_each_gets_its_own_rows(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=8)
     inputs = [rows(i) for i in range(8)]
-    answers = await asyncio.gather(*(batcher.infer(x, ["DOUBLE"], clock() + DEADLINE_S) for x in inputs))
+    answers = await asyncio.gather(*(batcher.infer("model", x, ["DOUBLE"], clock() + DEADLINE_S) for x in inputs))
     assert [call.rows for call in backend.calls] == [8]
     for x, answer in zip(inputs, answers):
         np.testing.assert_array_equal(answer["DOUBLE"], x["INPUT"] * 2)
@@ -81,7 +88,7 @@ async def test_concurrent_requests_become_one_backend_call_and_each_gets_its_own
 async def test_batch_inputs_are_the_callers_rows_in_order(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=3)
     inputs = [rows(1), rows(2, count=2)]
-    await asyncio.gather(*(batcher.infer(x, ["DOUBLE"], clock() + DEADLINE_S) for x in inputs))
+    await asyncio.gather(*(batcher.infer("model", x, ["DOUBLE"], clock() + DEADLINE_S) for x in inputs))
     np.testing.assert_array_equal(backend.calls[0].inputs["INPUT"], np.concatenate([x["INPUT"] for x in inputs]))
 
 
@@ -97,20 +104,20 @@ async def test_a_partial_batch_waits_until_max_delay_has_passed(make_batcher, ba
     assert [call.rows for call in backend.calls] == [1]
     np.testing.assert_array_equal(answer["DOUBLE"], rows(1)["INPUT"] * 2)
     assert batcher.depth == 1  # the other group is still within its own delay
-    await batcher.stop()
+    await batcher.close()
     assert await code_of(other) == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_zero_delay_sends_a_lone_request_at_once(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=8, max_delay_us=0)
-    answer = await batcher.infer(rows(1), ["DOUBLE"], clock() + DEADLINE_S)
+    answer = await batcher.infer("model", rows(1), ["DOUBLE"], clock() + DEADLINE_S)
     np.testing.assert_array_equal(answer["DOUBLE"], rows(1)["INPUT"] * 2)
     assert [call.rows for call in backend.calls] == [1]
 
 
 async def test_a_preferred_size_is_sent_without_waiting(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=16, preferred=(4,))
-    answers = await asyncio.gather(*(batcher.infer(rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in range(4)))
+    answers = await asyncio.gather(*(batcher.infer("model", rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in range(4)))
     assert [call.rows for call in backend.calls] == [4]
     assert len(answers) == 4
 
@@ -118,7 +125,7 @@ async def test_a_preferred_size_is_sent_without_waiting(make_batcher, backend, c
 async def test_multi_row_requests_never_make_a_batch_over_max_rows(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=4)
     inputs = [rows(1, count=3), rows(2, count=1), rows(3, count=2), rows(4, count=2)]
-    answers = await asyncio.gather(*(batcher.infer(x, ["DOUBLE"], clock() + DEADLINE_S) for x in inputs))
+    answers = await asyncio.gather(*(batcher.infer("model", x, ["DOUBLE"], clock() + DEADLINE_S) for x in inputs))
     assert [call.rows for call in backend.calls] == [4, 4]
     for x, answer in zip(inputs, answers):
         np.testing.assert_array_equal(answer["DOUBLE"], x["INPUT"] * 2)
@@ -129,7 +136,7 @@ async def test_different_trailing_shapes_or_dtypes_are_never_mixed(make_batcher,
     wide = [rows(1, width=4), rows(2, width=4)]
     narrow = [rows(3, width=2), rows(4, width=2)]
     answers = await asyncio.gather(
-        *(batcher.infer(x, ["DOUBLE"], clock() + DEADLINE_S) for pair in zip(wide, narrow) for x in pair)
+        *(batcher.infer("model", x, ["DOUBLE"], clock() + DEADLINE_S) for pair in zip(wide, narrow) for x in pair)
     )
     assert sorted(call.inputs["INPUT"].shape for call in backend.calls) == [(2, 2), (2, 4)]
     for x, answer in zip([x for pair in zip(wide, narrow) for x in pair], answers):
@@ -141,8 +148,8 @@ async def test_different_trailing_shapes_or_dtypes_are_never_mixed(make_batcher,
 async def test_each_caller_gets_only_the_outputs_it_asked_for(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=2)
     doubled, summed = await asyncio.gather(
-        batcher.infer(rows(1), ["DOUBLE"], clock() + DEADLINE_S),
-        batcher.infer(rows(2), ["ROWSUM"], clock() + DEADLINE_S),
+        batcher.infer("model", rows(1), ["DOUBLE"], clock() + DEADLINE_S),
+        batcher.infer("model", rows(2), ["ROWSUM"], clock() + DEADLINE_S),
     )
     assert backend.calls[0].outputs == ["DOUBLE", "ROWSUM"]
     assert set(doubled) == {"DOUBLE"} and set(summed) == {"ROWSUM"}
@@ -170,16 +177,16 @@ async def test_queue_full_is_refused_at_once_with_unavailable(make_batcher, back
     queued = [submit(batcher, clock, rows(i)) for i in range(2)]
     await settle()
     with pytest.raises(Unavailable) as err:
-        await batcher.infer(rows(9, count=2), ["DOUBLE"], clock() + DEADLINE_S)  # 2 + 2 > 3 rows
+        await batcher.infer("model", rows(9, count=2), ["DOUBLE"], clock() + DEADLINE_S)  # 2 + 2 > 3 rows
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     assert "queue full" in err.value.message
     queued.append(submit(batcher, clock, rows(3)))  # one more row still fits
     await settle()
     assert batcher.depth == 3
     with pytest.raises(Unavailable):
-        await batcher.infer(rows(10), ["DOUBLE"], clock() + DEADLINE_S)
+        await batcher.infer("model", rows(10), ["DOUBLE"], clock() + DEADLINE_S)
     assert backend.calls == []
-    await batcher.stop()
+    await batcher.close()
     assert [await code_of(task) for task in queued] == [grpc.StatusCode.UNAVAILABLE] * 3
 
 
@@ -200,7 +207,7 @@ async def test_a_request_whose_deadline_passed_in_the_queue_never_reaches_the_ba
 async def test_a_deadline_already_past_is_refused_before_queueing(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=1)
     with pytest.raises(DeadlineExceeded) as err:
-        await batcher.infer(rows(1), ["DOUBLE"], clock() - 0.001)
+        await batcher.infer("model", rows(1), ["DOUBLE"], clock() - 0.001)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await settle()
     assert backend.calls == [] and batcher.depth == 0
@@ -210,17 +217,61 @@ async def test_a_caller_that_waits_past_its_deadline_gets_deadline_exceeded_and_
     batcher = await make_batcher(max_rows=8, max_queue=1)
     # The fake clock is frozen, so only the waiter's own timer (0.05 s of loop time) can fire.
     with pytest.raises(DeadlineExceeded) as err:
-        await batcher.infer(rows(1), ["DOUBLE"], backend._clock() + 0.05)
+        await batcher.infer("model", rows(1), ["DOUBLE"], backend._clock() + 0.05)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert batcher.depth == 0
     assert backend.calls == []
 
 
-async def test_the_backend_gets_the_tightest_deadline_of_the_batch(make_batcher, backend, clock):
+async def test_the_backend_gets_the_latest_deadline_of_the_callers_in_the_batch(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=3)
     now = clock()
-    await asyncio.gather(*(batcher.infer(rows(i), ["DOUBLE"], now + d) for i, d in enumerate((50, 20, 40))))
-    assert backend.calls[0].deadline == now + 20
+    await asyncio.gather(*(batcher.infer("model", rows(i), ["DOUBLE"], now + d) for i, d in enumerate((50, 20, 40))))
+    assert backend.calls[0].deadline == now + 50
+
+
+async def test_a_short_deadline_ends_only_its_own_call_not_its_batch_mates(make_batcher, backend, clock):
+    backend.hold = asyncio.Event()
+    batcher = await make_batcher(max_rows=2, dispatch="idle", max_inflight=1)
+    blocker = submit(batcher, clock, rows(0))
+    await settle()  # the backend is busy: the next two gather into one batch
+    short = asyncio.create_task(batcher.infer("model", rows(1), ["DOUBLE"], backend._clock() + 0.05))
+    long = submit(batcher, clock, rows(2))
+    await settle()
+    release_first, backend.hold = backend.hold, asyncio.Event()  # the next batch waits on a new event
+    release_first.set()
+    await blocker
+    await settle()  # the batch [short, long] is at the backend now, held past the short caller's deadline
+    assert await code_of(short) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not long.done()
+    backend.hold.set()
+    answer = await long
+    np.testing.assert_array_equal(answer["DOUBLE"], rows(2)["INPUT"] * 2)
+    assert [call.rows for call in backend.calls] == [1, 2]
+
+
+async def test_idle_dispatch_sends_a_lone_request_at_once(make_batcher, backend, clock):
+    batcher = await make_batcher(max_rows=8, dispatch="idle")
+    # The fake clock never moves: with delay dispatch this request would wait forever.
+    answer = await batcher.infer("model", rows(3), ["DOUBLE"], clock() + DEADLINE_S)
+    np.testing.assert_array_equal(answer["DOUBLE"], rows(3)["INPUT"] * 2)
+    assert [call.rows for call in backend.calls] == [1]
+
+
+async def test_idle_dispatch_gathers_requests_while_the_backend_is_busy(make_batcher, backend, clock):
+    backend.hold = asyncio.Event()
+    batcher = await make_batcher(max_rows=4, dispatch="idle", max_inflight=1)
+    first = submit(batcher, clock, rows(0))
+    await settle()
+    later = [submit(batcher, clock, rows(i)) for i in range(1, 7)]
+    await settle()
+    assert batcher.depth == 6
+    backend.hold.set()
+    answers = await asyncio.gather(first, *later)
+    # One row alone, then everything that gathered, in batches of at most max_rows.
+    assert [call.rows for call in backend.calls] == [1, 4, 2]
+    for i, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer["DOUBLE"], rows(i)["INPUT"] * 2)
 
 
 async def test_a_cancelled_caller_frees_its_place_and_is_skipped(make_batcher, backend, clock):
@@ -234,11 +285,11 @@ async def test_a_cancelled_caller_frees_its_place_and_is_skipped(make_batcher, b
     assert gone.cancelled()
     assert batcher.depth == 1
     # Two more rows fit only because the cancelled rows left the queue; they make a preferred size.
-    arrived = await asyncio.gather(*(batcher.infer(rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in (3, 4)))
+    arrived = await asyncio.gather(*(batcher.infer("model", rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in (3, 4)))
     assert [call.inputs["INPUT"].shape for call in backend.calls] == [(2, 4)]
     np.testing.assert_array_equal(backend.calls[0].inputs["INPUT"], np.concatenate([rows(3)["INPUT"], rows(4)["INPUT"]]))
     np.testing.assert_array_equal(arrived[1]["DOUBLE"], rows(4)["INPUT"] * 2)
-    await batcher.stop()
+    await batcher.close()
     assert await code_of(stays) == grpc.StatusCode.UNAVAILABLE
 
 
@@ -260,10 +311,10 @@ async def test_stop_fails_queued_requests_with_unavailable_and_refuses_new_ones(
     batcher = await make_batcher(max_rows=8)
     queued = submit(batcher, clock, rows(1))
     await settle()
-    await batcher.stop()
+    await batcher.close()
     assert await code_of(queued) == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(Unavailable):
-        await batcher.infer(rows(2), ["DOUBLE"], clock() + DEADLINE_S)
+        await batcher.infer("model", rows(2), ["DOUBLE"], clock() + DEADLINE_S)
     assert batcher.depth == 0
     assert backend.calls == []
 
@@ -273,7 +324,7 @@ async def test_batch_size_and_queue_wait_are_recorded(make_batcher, backend, clo
     before = REGISTRY.get_sample_value("infergate_batch_size_sum", labels) or 0.0
     count_before = REGISTRY.get_sample_value("infergate_queue_wait_seconds_count", labels) or 0.0
     batcher = await make_batcher(max_rows=4)
-    await asyncio.gather(*(batcher.infer(rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in range(4)))
+    await asyncio.gather(*(batcher.infer("model", rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in range(4)))
     assert REGISTRY.get_sample_value("infergate_batch_size_sum", labels) - before == 4
     assert REGISTRY.get_sample_value("infergate_queue_wait_seconds_count", labels) - count_before == 4
     assert REGISTRY.get_sample_value("infergate_queue_depth", labels) == 0
@@ -283,8 +334,8 @@ async def test_a_full_group_goes_out_while_an_older_group_waits_out_its_delay(ma
     batcher = await make_batcher(max_rows=2)
     older = submit(batcher, clock, rows(1, width=2))
     await settle()
-    full = await asyncio.gather(*(batcher.infer(rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in (2, 3)))
+    full = await asyncio.gather(*(batcher.infer("model", rows(i), ["DOUBLE"], clock() + DEADLINE_S) for i in (2, 3)))
     assert [call.inputs["INPUT"].shape for call in backend.calls] == [(2, 4)]
     assert len(full) == 2 and not older.done()
-    await batcher.stop()
+    await batcher.close()
     assert await code_of(older) == grpc.StatusCode.UNAVAILABLE

@@ -7,35 +7,25 @@ from collections import Counter
 
 import pytest
 
-from infergate.backends.base import ModelSignature
-from infergate.gateway.config import parse_config
-from infergate.gateway.errors import InvalidArgument, PermissionDenied
-from infergate.gateway.identity import ANONYMOUS, Identity
-from infergate.gateway.pipeline import CallContext, ModelEndpoint, Variant
-from infergate.router.selector import BUCKETS, PIN_METADATA, RouteSelector, bucket_owners, stable_hash64, sticky_bucket
+from infergate.gateway.errors import InvalidArgument
+from infergate.router.selector import (
+    BUCKETS,
+    PIN_METADATA,
+    PINNED,
+    STICKY,
+    WEIGHTED,
+    RouteSelector,
+    bucket_owners,
+    stable_hash64,
+    sticky_bucket,
+)
 from infergate.router.table import Route, RouteTable
-from tests.router.fakes import RecordingBackend
 
 KEYS = [f"user-{i}" for i in range(4000)]
 
 
-def endpoint(model: str, variants: tuple[str, ...]) -> ModelEndpoint:
-    raw = {
-        "backends": {"fake": {"kind": "onnx"}},
-        "models": {model: {"variants": {name: {"backend": "fake", "path": f"/{name}.onnx", "weight": 1} for name in variants}}},
-    }
-    config = parse_config(raw).models[model]
-    backend = RecordingBackend()
-    return ModelEndpoint(
-        model,
-        config,
-        {name: Variant(model, name, backend, name) for name in variants},
-        ModelSignature(inputs=(), outputs=(), batched=True),
-    )
-
-
-def ctx(metadata=None, parameters=None, identity: Identity = ANONYMOUS) -> CallContext:
-    return CallContext(metadata=metadata or {}, parameters=parameters or {}, deadline=0.0, identity=identity)
+def pick(selector: RouteSelector, metadata=None, parameters=None, variants=("v1", "v2", "v3")) -> str:
+    return selector.select("m", variants, metadata or {}, parameters or {})[0]
 
 
 def selector_for(weights: dict[str, int], sticky_key: str = "user_id", salt: str = "", seed: int = 7):
@@ -110,27 +100,24 @@ def test_salt_reshuffles_callers():
 
 def test_request_parameter_wins_over_metadata_and_metadata_is_used_otherwise():
     selector, _ = selector_for({"v1": 50, "v2": 50})
-    ep = endpoint("m", ("v1", "v2"))
     # Find two keys on different variants so the test tells the sources apart.
     mapping = assign(selector, KEYS[:50])
     on_v1 = next(k for k, v in mapping.items() if v == "v1")
     on_v2 = next(k for k, v in mapping.items() if v == "v2")
-    assert selector(ep, ctx(parameters={"user_id": on_v1}, metadata={"user_id": on_v2})) == "v1"
-    assert selector(ep, ctx(metadata={"user_id": on_v2})) == "v2"
+    assert pick(selector, parameters={"user_id": on_v1}, metadata={"user_id": on_v2}) == "v1"
+    assert pick(selector, metadata={"user_id": on_v2}) == "v2"
     # Same answer every time for the same key.
-    assert {selector(ep, ctx(metadata={"user_id": on_v2})) for _ in range(50)} == {"v2"}
+    assert {pick(selector, metadata={"user_id": on_v2}) for _ in range(50)} == {"v2"}
 
 
 def test_integer_parameters_are_sticky_too():
     selector, _ = selector_for({"v1": 50, "v2": 50})
-    ep = endpoint("m", ("v1", "v2"))
-    assert selector(ep, ctx(parameters={"user_id": 12345})) == selector.choose_sticky("m", "12345")
+    assert pick(selector, parameters={"user_id": 12345}) == selector.choose_sticky("m", "12345")
 
 
 def test_weighted_random_without_a_key_matches_the_weights():
     selector, _ = selector_for({"v1": 90, "v2": 10}, sticky_key="")
-    ep = endpoint("m", ("v1", "v2"))
-    counts = Counter(selector(ep, ctx()) for _ in range(20000))
+    counts = Counter(pick(selector) for _ in range(20000))
     # 20000 draws at p = 0.1: sd = 42; 5 sd is 212.
     assert abs(counts["v2"] - 2000) < 212
     assert set(counts) == {"v1", "v2"}
@@ -138,38 +125,30 @@ def test_weighted_random_without_a_key_matches_the_weights():
 
 def test_weighted_random_never_picks_a_zero_weight_variant():
     selector, _ = selector_for({"v1": 0, "v2": 5, "v3": 0}, sticky_key="")
-    ep = endpoint("m", ("v1", "v2", "v3"))
-    assert {selector(ep, ctx()) for _ in range(2000)} == {"v2"}
+    assert {pick(selector) for _ in range(2000)} == {"v2"}
 
 
 def test_pin_wins_over_sticky_key_and_may_name_a_zero_weight_variant():
     selector, _ = selector_for({"v1": 100, "v2": 0})
-    ep = endpoint("m", ("v1", "v2"))
-    assert selector(ep, ctx(metadata={PIN_METADATA: "v2", "user_id": "u1"})) == "v2"
+    assert pick(selector, metadata={PIN_METADATA: "v2", "user_id": "u1"}) == "v2"
 
 
 def test_pin_to_an_unknown_variant_is_invalid_argument():
     selector, _ = selector_for({"v1": 100, "v2": 0})
-    ep = endpoint("m", ("v1", "v2"))
     with pytest.raises(InvalidArgument) as err:
-        selector(ep, ctx(metadata={PIN_METADATA: "v9"}))
+        pick(selector, metadata={PIN_METADATA: "v9"})
     assert "v9" in err.value.message
 
 
-def test_pin_needs_the_infer_scope_for_the_model():
-    selector, _ = selector_for({"v1": 100, "v2": 0})
-    ep = endpoint("m", ("v1", "v2"))
-    outsider = Identity(subject="svc", scopes=frozenset({"infer:other"}))
-    insider = Identity(subject="svc", scopes=frozenset({"infer:m"}))
-    with pytest.raises(PermissionDenied) as err:
-        selector(ep, ctx(metadata={PIN_METADATA: "v2"}, identity=outsider))
-    assert "infer:m" in err.value.message
-    assert selector(ep, ctx(metadata={PIN_METADATA: "v2"}, identity=insider)) == "v2"
+def test_the_reason_says_how_the_variant_was_chosen():
+    selector, _ = selector_for({"v1": 50, "v2": 50})
+    assert selector.select("m", ("v1", "v2"), {PIN_METADATA: "v2"}, {})[1] == PINNED
+    assert selector.select("m", ("v1", "v2"), {}, {"user_id": "u1"})[1] == STICKY
+    assert selector.select("m", ("v1", "v2"), {}, {})[1] == WEIGHTED
 
 
 def test_a_new_route_object_is_used_at_once():
     selector, routes = selector_for({"v1": 100, "v2": 0}, sticky_key="")
-    ep = endpoint("m", ("v1", "v2"))
-    assert selector(ep, ctx()) == "v1"
+    assert pick(selector) == "v1"
     routes.install(Route("m", ("v1", "v2"), {"v1": 0, "v2": 1}, revision=2))
-    assert {selector(ep, ctx()) for _ in range(100)} == {"v2"}
+    assert {pick(selector) for _ in range(100)} == {"v2"}
