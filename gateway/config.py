@@ -48,13 +48,22 @@ class TlsConfig(_Model):
         return self
 
 
+def cpus_available() -> int:
+    """CPUs this process may run on (``server.workers: auto``)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 class ServerConfig(_Model):
     listen: str = "0.0.0.0:8001"
     """host:port the inference and admin services listen on."""
     metrics_listen: str = "0.0.0.0:9091"
     """host:port of the Prometheus HTTP endpoint; empty turns it off."""
     workers: int = Field(1, ge=1, le=256)
-    """Processes sharing the listen port through SO_REUSEPORT."""
+    """Processes sharing the listen port through SO_REUSEPORT; ``auto`` is one per CPU this process
+    may run on (its affinity mask, so a container's CPU set counts, not the host's)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest request or response message accepted, in bytes."""
     max_concurrent_rpcs: int = Field(10000, ge=1)
@@ -65,6 +74,13 @@ class ServerConfig(_Model):
     """On SIGTERM, how long in-flight calls get to finish before they are cancelled."""
     tls: TlsConfig | None = None
     """Server TLS; absent means plaintext."""
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return cpus_available()
+        return value
 
     @field_validator("listen")
     @classmethod

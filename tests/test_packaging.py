@@ -1,12 +1,18 @@
-"""The installed layout: one `infergate` package, nothing generic at the top of site-packages."""
+"""The installed layout: one `infergate` package, nothing generic at the top of site-packages, and
+imports that point one way (gateway -> router -> backends), checked by import-linter on the built
+package (it reads packages from their folders, so it runs on the wheel's layout, not the repo's)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("gateway", "router", "backends", "benchmarks")
@@ -33,13 +39,49 @@ def test_pyproject_names_every_package_in_the_tree():
     assert listed == _packages_in_tree()
 
 
-def test_wheel_installs_only_the_infergate_package(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The package built as pip would (from a copy of the tree, so no build/ is left in the repo)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", *LAYERS):
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, source / name)
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("infergate-*.whl")
+    (built,) = out.glob("infergate-*.whl")
+    return built
+
+
+def lint_imports(tree: Path) -> subprocess.CompletedProcess:
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    lint = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(lint), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_imports_point_one_way(wheel, tmp_path):
+    zipfile.ZipFile(wheel).extractall(tmp_path)
+    done = lint_imports(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 kept, 0 broken" in done.stdout
+
+
+def test_an_import_pointing_up_breaks_the_contract(wheel, tmp_path):
+    zipfile.ZipFile(wheel).extractall(tmp_path)
+    (tmp_path / "infergate" / "backends" / "upward.py").write_text("from infergate.router import batcher\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode == 1
+    assert "BROKEN" in done.stdout and "infergate.backends.upward" in done.stdout
+
+
+def test_wheel_installs_only_the_infergate_package(wheel):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {top for top in tops if not top.endswith(".dist-info")} == {"infergate"}
     names = set(zipfile.ZipFile(wheel).namelist())

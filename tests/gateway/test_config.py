@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from infergate.gateway.config import ConfigError, GatewayConfig, load_config
+from infergate.gateway.config import ConfigError, GatewayConfig, load_config, parse_config
 from tests.support.models import onnx_config
 from tests.support.processes import ROOT
 
@@ -389,3 +389,12 @@ def test_the_design_example_loads(tmp_path):
     assert fraud.variants["v2"].path == tmp_path.resolve() / "models" / "fraud_v2.onnx"
     assert config.backends["triton_gpu"].timeout_ms == 2000
     assert config.auth.algorithms == ("RS256", "ES256")
+
+
+def test_workers_auto_is_one_per_cpu_this_process_may_use():
+    config = parse_config({"server": {"workers": "auto"}})
+    assert config.server.workers == len(os.sched_getaffinity(0))
+    assert parse_config({"server": {"workers": "AUTO"}}).server.workers == config.server.workers
+    with pytest.raises(ConfigError) as err:
+        parse_config({"server": {"workers": "most"}})
+    assert "server.workers" in str(err.value)
