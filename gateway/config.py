@@ -235,8 +235,8 @@ class FeatureViewConfig(_Model):
 
     @model_validator(mode="after")
     def _fields_match(self) -> FeatureViewConfig:
-        if "{id}" not in self.key_template:
-            raise ValueError("key_template must contain {id}")
+        if self.key_template.count("{id}") != 1:
+            raise ValueError("key_template must contain {id} exactly once")
         if self.encoding == "hash" and len(self.fields) != self.dim:
             raise ValueError("fields: encoding hash needs exactly dim field names")
         return self

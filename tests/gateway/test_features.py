@@ -173,3 +173,29 @@ def test_cli_loads_csv_rows(scorer_path, redis_url, tmp_path):
                           "--config", str(config_path)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "short.csv:2" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_bulk_fetch_reads_keys_around_the_id_and_refuses_malformed_rows(redis_url):
+    from infergate.gateway.config import FeatureViewConfig
+    from infergate.gateway.errors import Internal
+    from infergate.gateway.features import FeatureStore, entity_ids
+
+    view = FeatureViewConfig(key_template="fs:{{v2}}:{id}:row", dim=DIM, timeout_ms=1000)
+    client = redis.Redis.from_url(redis_url)
+    rng = np.random.default_rng(5)
+    rows = {f"e{i}": rng.normal(size=DIM).astype("<f4") for i in range(64)}
+    for entity, vector in rows.items():
+        client.set(f"fs:{{v2}}:{entity}:row", vector.tobytes())
+    client.set("fs:{v2}:short:row", b"\x00" * 4)
+    client.close()
+    store = FeatureStore(redis_url, {"v": view})
+    await store.start()
+    try:
+        ids = entity_ids(np.array([e.encode() for e in rows], dtype=np.object_))
+        fetched = await store.fetch("v", ids, deadline=1e12)
+        with pytest.raises(Internal) as err:
+            await store.fetch("v", [b"e1", b"short"], deadline=1e12)
+    finally:
+        await store.close()
+    np.testing.assert_array_equal(fetched, np.stack(list(rows.values())))
+    assert "malformed row" in err.value.message and "short" in err.value.message
