@@ -95,15 +95,17 @@ class FeatureStore:
 
     async def enrich(
         self, features: ModelFeaturesConfig, inputs: Mapping[str, np.ndarray], deadline: float
-    ) -> dict[str, np.ndarray]:
-        """``inputs`` with the entity input replaced by the fetched ``feature_input``."""
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """``inputs`` with the entity input replaced by the fetched ``feature_input``, and how many
+        entities had no row (served as zeros)."""
         ids = entity_ids(inputs[features.entity_input])
-        rows = await self.fetch(features.view, ids, deadline)
+        rows, misses = await self.fetch(features.view, ids, deadline)
         enriched = {name: array for name, array in inputs.items() if name != features.entity_input}
         enriched[features.feature_input] = rows
-        return enriched
+        return enriched, misses
 
-    async def fetch(self, view_name: str, ids: Sequence[bytes], deadline: float) -> np.ndarray:
+    async def fetch(self, view_name: str, ids: Sequence[bytes], deadline: float) -> tuple[np.ndarray, int]:
+        """The rows of ``ids`` (FP32 [N, dim]) and how many of them were missing (zeros)."""
         view = self._views[view_name]
         timeout = min(view.timeout_ms / 1000, deadline - self._clock())
         if timeout <= 0:
@@ -117,14 +119,14 @@ class FeatureStore:
         except (RedisError, OSError, TimeoutError) as exc:
             if view.on_error == "zeros":
                 log.warning("feature view %s unavailable (%s); serving zeros", view_name, type(exc).__name__)
-                return np.zeros((len(ids), view.dim), np.float32)
+                return np.zeros((len(ids), view.dim), np.float32), len(ids)
             raise Unavailable(f"feature store unavailable for view {view_name!r}") from exc
         finally:
             metrics.FEATURE_FETCH_DURATION.labels(view_name).observe(time.perf_counter() - started)
         if view.encoding == "float32":
             row_bytes = 4 * view.dim
             if all(value is not None and len(value) == row_bytes for value in raw):
-                return np.frombuffer(b"".join(raw), dtype="<f4").reshape(len(ids), view.dim)
+                return np.frombuffer(b"".join(raw), dtype="<f4").reshape(len(ids), view.dim), 0
         return self._decode(view_name, view, ids, raw)
 
     async def _read(self, view: FeatureViewConfig, keys: list[bytes]) -> list:
@@ -138,9 +140,10 @@ class FeatureStore:
             return await pipe.execute()
 
     @staticmethod
-    def _decode(view_name: str, view: FeatureViewConfig, ids: Sequence[bytes], raw: list) -> np.ndarray:
+    def _decode(view_name: str, view: FeatureViewConfig, ids: Sequence[bytes], raw: list) -> tuple[np.ndarray, int]:
         """Row by row: hash views, and packed batches with missing or malformed rows."""
         rows = np.zeros((len(ids), view.dim), np.float32)
+        misses = 0
         for index, value in enumerate(raw):
             if view.encoding == "float32":
                 present = value is not None
@@ -156,11 +159,12 @@ class FeatureStore:
             if not present:
                 if view.on_missing == "error":
                     raise NotFound(f"no features in view {view_name!r} for entity {_shown(ids[index])}")
+                misses += 1
                 continue
             if vector is None:
                 raise Internal(f"feature view {view_name!r}: malformed row for entity {_shown(ids[index])}")
             rows[index] = vector
-        return rows
+        return rows, misses
 
 
 def _key_parts(template: str) -> tuple[bytes, bytes]:

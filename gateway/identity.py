@@ -27,3 +27,7 @@ class Identity:
 ANONYMOUS = Identity(subject="anonymous", scopes=frozenset(), authenticated=False)
 
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("infergate_identity", default=ANONYMOUS)
+
+auth_window_ns: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("infergate_auth_window", default=None)
+"""When the auth interceptor checked the current call (``time.time_ns`` at start and end), for the
+``infergate/auth`` span; None without auth."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from infergate.backends.base import Backend, ModelSignature
 from infergate.backends.resilience import CircuitBreaker
@@ -23,6 +25,8 @@ from infergate.gateway import metrics
 from infergate.gateway.config import ModelRouteConfig
 from infergate.gateway.errors import BackendUnavailable, GatewayError, Internal, NotFound
 from infergate.gateway.identity import ANONYMOUS, Identity
+from infergate.gateway.telemetry import BACKEND_SPAN, FEATURES_SPAN, ROUTE_SPAN, outgoing_headers, stage_span
+from infergate.router.batcher import Batcher
 from infergate.router.selector import VariantSelector
 
 if TYPE_CHECKING:
@@ -68,7 +72,9 @@ class Variant:
     serves ``target`` (``Batcher(ResilientBackend(OnnxBackend))``, or the ``ResilientBackend`` alone
     when the variant does not batch)."""
 
-    __slots__ = ("model", "name", "backend", "target", "signature", "fallback", "breaker", "ready", "served", "duration")
+    __slots__ = (
+        "model", "name", "backend", "target", "signature", "fallback", "breaker", "ready", "served", "duration", "batches",
+    )
 
     def __init__(
         self,
@@ -91,6 +97,8 @@ class Variant:
         """The backend's last readiness answer for this model (kept by the server's poller)."""
         self.served = metrics.REQUESTS.labels(model, name, "OK")
         self.duration = metrics.REQUEST_DURATION.labels(model, name)
+        self.batches = isinstance(backend, Batcher)
+        """Whether calls go through a batcher (which makes the backend span of the batch)."""
 
     def available(self) -> bool:
         """False while the model reports not ready or its backend is ejected: use the fallback at once."""
@@ -180,10 +188,13 @@ class Pipeline:
         endpoints: Mapping[str, ModelEndpoint],
         selector: VariantSelector,
         observers: Sequence[CallObserver] = (),
+        tracer: trace.Tracer | None = None,
     ):
+        """``tracer``: the gateway's, when tracing is on (stage spans for sampled calls)."""
         self.endpoints = dict(endpoints)
         self.selector = selector
         self.observers = tuple(observers)
+        self._tracer = tracer
 
     def endpoint(self, model: str) -> ModelEndpoint:
         endpoint = self.endpoints.get(model)
@@ -202,13 +213,23 @@ class Pipeline:
         """Choose a variant, add online features, run it (its fallback chain while backends are
         down) and record the outcome; GatewayErrors pass through, anything else becomes INTERNAL."""
         started = time.perf_counter_ns()
-        chosen, _reason = self.selector.select(endpoint.name, endpoint.variants, ctx.metadata, ctx.parameters)
+        tracer = self._tracer
+        traced = tracer is not None and trace.get_current_span().is_recording()
+        if traced:
+            route_ns = time.time_ns()
+        chosen, reason = self.selector.select(endpoint.name, endpoint.variants, ctx.metadata, ctx.parameters)
+        if traced:
+            route_ns = (route_ns, time.time_ns())
         variant = endpoint.variants[chosen]
         code = "OK"
         result: InferResult | None = None
         try:
             if endpoint.feature_store is not None:
-                inputs = await endpoint.feature_store.enrich(endpoint.config.features, inputs, ctx.deadline)  # type: ignore[arg-type]
+                features_ns = time.time_ns() if traced else 0
+                inputs, misses = await endpoint.feature_store.enrich(endpoint.config.features, inputs, ctx.deadline)  # type: ignore[arg-type]
+                if traced:
+                    attributes = {"infergate.features.entities": len(next(iter(inputs.values()))), "infergate.features.misses": misses}
+                    stage_span(tracer, FEATURES_SPAN, features_ns, time.time_ns(), attributes)
             tried: tuple[str, ...] = ()
             while True:
                 tried += (variant.name,)
@@ -217,7 +238,18 @@ class Pipeline:
                     variant = endpoint.variants[fallback]
                     continue
                 try:
-                    answer = await variant.backend.infer(variant.target, inputs, outputs, ctx.deadline, ctx.headers)
+                    if traced and not variant.batches:
+                        attributes = {
+                            "infergate.backend.kind": variant.backend.kind,
+                            "infergate.backend.name": variant.backend.name,
+                            "infergate.backend.target": variant.target,
+                            "infergate.batch.rows": rows,
+                        }
+                        with tracer.start_as_current_span(BACKEND_SPAN, kind=SpanKind.CLIENT, attributes=attributes):
+                            headers = outgoing_headers()
+                            answer = await variant.backend.infer(variant.target, inputs, outputs, ctx.deadline, headers)
+                    else:
+                        answer = await variant.backend.infer(variant.target, inputs, outputs, ctx.deadline, ctx.headers)
                 except BackendUnavailable:
                     if not fallback or time.monotonic() >= ctx.deadline:
                         raise
@@ -239,6 +271,13 @@ class Pipeline:
             raise Internal("internal error while serving the request") from exc
         finally:
             duration = time.perf_counter_ns() - started
+            if traced:
+                attributes = {
+                    "infergate.variant.chosen": chosen,
+                    "infergate.variant": variant.name,
+                    "infergate.route.reason": reason if variant.name == chosen else "fallback",
+                }
+                stage_span(tracer, ROUTE_SPAN, route_ns[0], route_ns[1], attributes)
             endpoint.stats.record(code == "OK", duration, rows)
             if code == "OK":
                 variant.served.inc()

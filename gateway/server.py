@@ -152,7 +152,7 @@ class Gateway:
                 metrics.ROUTE_WEIGHT.labels(model_name, variant).set(weight)
         self.routing = Routing(self.config, self.routes, endpoints, self._clock)
         await self.routing.start()
-        self.pipeline = Pipeline(endpoints, self.routing.selector, self.routing.observers)
+        self.pipeline = Pipeline(endpoints, self.routing.selector, self.routing.observers, self._tracer())
         await self._start_server()
         if self.config.server.metrics_listen:
             try:
@@ -161,6 +161,10 @@ class Gateway:
                 raise StartupError(f"server.metrics_listen: cannot bind {self.config.server.metrics_listen}: {exc.strerror or exc}") from exc
         self._ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _tracer(self):
+        """The tracer for stage spans; None while tracing is off (then no span code runs per call)."""
+        return self.tracing.tracer if self.tracing.enabled else None
 
     async def _load_model(self, model_name: str, model_config: ModelRouteConfig) -> ModelEndpoint:
         variants: dict[str, Variant] = {}
@@ -204,6 +208,7 @@ class Gateway:
                     model=model_name,
                     variant=name,
                     clock=self._clock,
+                    tracer=self._tracer(),
                 )
                 self._batchers.append(batcher)
                 await batcher.start()

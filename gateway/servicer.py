@@ -34,8 +34,16 @@ from infergate.gateway.errors import (
     Unimplemented,
 )
 from infergate.gateway.config import TelemetryConfig
-from infergate.gateway.identity import current_identity
-from infergate.gateway.telemetry import Tracing, mark_error, outgoing_headers
+from infergate.gateway.identity import auth_window_ns, current_identity
+from infergate.gateway.telemetry import (
+    AUTH_SPAN,
+    RPC_ATTRIBUTES,
+    SERVER_SPAN,
+    Tracing,
+    mark_error,
+    outgoing_headers,
+    stage_span,
+)
 from infergate.gateway.pipeline import CallContext, ModelEndpoint, Pipeline
 
 log = logging.getLogger(__name__)
@@ -235,14 +243,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             metadata = dict(context.invocation_metadata() or ())  # gRPC metadata keys are lower-case
             if not self._tracing.enabled:
                 return await self._serve(request, context, metadata, _forwarded(metadata))
-            with self._tracing.server_span("infergate/ModelInfer", metadata, {"infergate.model": request.model_name}) as span:
+            attributes = {"infergate.model": request.model_name, **RPC_ATTRIBUTES}
+            with self._tracing.server_span(SERVER_SPAN, metadata, attributes) as span:
+                window = auth_window_ns.get()
+                if window is not None and span.is_recording():
+                    stage_span(self._tracing.tracer, AUTH_SPAN, window[0], window[1])
                 try:
                     response = await self._serve(request, context, metadata, outgoing_headers())
                 except GatewayError as exc:
-                    mark_error(span, exc.code.name, exc.message)
+                    mark_error(span, exc.code, exc.message)
                     raise
                 if span.is_recording():
                     span.set_attribute("infergate.variant", response.parameters["variant"].string_param)
+                    span.set_attribute("rpc.grpc.status_code", 0)
                 return response
         finally:
             self._in_flight -= 1

@@ -1,5 +1,14 @@
-"""OpenTelemetry traces: one SERVER span per inference call, continued from the caller's W3C
-``traceparent`` and passed on to Triton.
+"""OpenTelemetry traces: a SERVER span per inference call, continued from the caller's W3C
+``traceparent``, with a child span per stage, and the trace context passed on to Triton.
+
+Span names are few and fixed (no model names in them): ``infergate/ModelInfer`` (SERVER), and
+its children ``infergate/auth``, ``infergate/route`` (chosen variant and why: pin, sticky,
+weighted, fallback), ``infergate/features`` (entities, misses), ``infergate/queue`` (the wait in
+the batch queue) and ``infergate/backend`` (CLIENT: backend kind, target, rows). A batch has one
+backend span, a child of the first traced request in it, linked to the span of every traced
+request in it. The server span carries the RPC semantic-convention attributes (``rpc.system``,
+``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``). Stage spans are only made for calls
+whose server span is recording (sampled), so an unsampled call pays one check.
 
 Export goes through a ``BatchSpanProcessor`` (bounded queue, drops with a warning when full,
 export errors logged), so tracing never fails or slows a request. With no endpoint configured
@@ -25,6 +34,14 @@ from infergate.gateway.config import TelemetryConfig
 log = logging.getLogger(__name__)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+SERVER_SPAN = "infergate/ModelInfer"
+AUTH_SPAN = "infergate/auth"
+ROUTE_SPAN = "infergate/route"
+FEATURES_SPAN = "infergate/features"
+QUEUE_SPAN = "infergate/queue"
+BACKEND_SPAN = "infergate/backend"
+RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer"}
 
 
 class Tracing:
@@ -87,11 +104,25 @@ class Tracing:
             yield span
 
 
-def mark_error(span: trace.Span, code_name: str, message: str) -> None:
-    """Record a failed call on its span (status name and the caller-visible message only)."""
+def mark_error(span: trace.Span, code, message: str) -> None:
+    """Record a failed call on its span (``code`` a ``grpc.StatusCode``; the caller-visible message only)."""
     if span.is_recording():
-        span.set_attribute("rpc.grpc.status_code", code_name)
-        span.set_status(Status(StatusCode.ERROR, f"{code_name}: {message}"))
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+
+
+def stage_span(
+    tracer: trace.Tracer,
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    attributes: Mapping[str, object] | None = None,
+    parent: trace.Span | None = None,
+) -> None:
+    """A finished child span of ``parent`` (the current span by default) for a stage already timed."""
+    context = trace.set_span_in_context(parent) if parent is not None else None
+    span = tracer.start_span(name, context=context, start_time=start_ns, attributes=attributes, record_exception=False)
+    span.end(end_time=end_ns)
 
 
 def outgoing_headers() -> dict[str, str] | None:

@@ -30,6 +30,11 @@ Promises:
   deadline has passed never reaches the backend. A batch is sent with the latest deadline of the
   callers still waiting for it, so a short-deadline batch-mate cannot cut the others' call short.
 
+Tracing: given a tracer, a request whose caller's span is recording (sampled) gets an
+``infergate/queue`` span for its wait, and each batch with such requests one ``infergate/backend``
+span, a child of the first of them and linked to all of them; the backend call carries that
+span's trace context.
+
 Time comes from an injected ``clock``; the dispatcher's and the deadline timer's waits are
 derived from it.
 """
@@ -43,9 +48,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 
 from infergate.backends.base import Backend, ModelSignature
 from infergate.gateway import metrics
+from infergate.gateway.telemetry import BACKEND_SPAN, QUEUE_SPAN, outgoing_headers, stage_span
 from infergate.gateway.config import BatchingConfig
 from infergate.gateway.errors import DeadlineExceeded, GatewayError, Internal, InvalidArgument, Unavailable
 
@@ -60,9 +68,9 @@ def group_key(inputs: Mapping[str, np.ndarray]) -> GroupKey:
 
 
 class _Request:
-    __slots__ = ("inputs", "outputs", "rows", "deadline", "headers", "key", "enqueued", "future", "queued")
+    __slots__ = ("inputs", "outputs", "rows", "deadline", "headers", "key", "enqueued", "future", "queued", "span", "enqueued_ns")
 
-    def __init__(self, inputs, outputs, rows, deadline, headers, key, enqueued, future) -> None:
+    def __init__(self, inputs, outputs, rows, deadline, headers, key, enqueued, future, span=None) -> None:
         self.inputs: Mapping[str, np.ndarray] = inputs
         self.outputs: Sequence[str] = outputs
         self.rows: int = rows
@@ -73,6 +81,9 @@ class _Request:
         self.future: asyncio.Future = future
         self.queued = True
         """Counted in the queue depth; false once dispatched, dropped, cancelled or timed out."""
+        self.span: trace.Span | None = span
+        """The caller's span when it is recording (traced); None otherwise."""
+        self.enqueued_ns = time.time_ns() if span is not None else 0
 
 
 class Batcher(Backend):
@@ -92,8 +103,10 @@ class Batcher(Backend):
         model: str = "",
         variant: str = "",
         clock: Callable[[], float] = time.monotonic,
+        tracer: trace.Tracer | None = None,
     ) -> None:
-        """``max_rows`` is the largest batch (the config's, capped by the model's own limit)."""
+        """``max_rows`` is the largest batch (the config's, capped by the model's own limit);
+        ``tracer`` the gateway's when tracing is on."""
         if max_rows < 1 or max_inflight < 1:
             raise ValueError("max_rows and max_inflight must be at least 1")
         super().__init__(inner.name, clock)
@@ -109,6 +122,7 @@ class Batcher(Backend):
         self._batch_size = metrics.BATCH_SIZE.labels(model, variant)
         self._queue_wait = metrics.QUEUE_WAIT.labels(model, variant)
         self._what = f"model {model} variant {variant}"
+        self._tracer = tracer
         self._groups: dict[GroupKey, collections.deque[_Request]] = {}
         self._group_rows: dict[GroupKey, int] = {}
         self._depth = 0
@@ -199,7 +213,12 @@ class Batcher(Backend):
         if self._depth + rows > self._max_queue:
             raise Unavailable(f"{self._what}: batch queue full ({self._depth} of {self._max_queue} rows waiting)")
         key = group_key(inputs)
-        request = _Request(inputs, outputs, rows, deadline, headers, key, now, self._loop.create_future())
+        span = None
+        if self._tracer is not None:
+            span = trace.get_current_span()
+            if not span.is_recording():
+                span = None
+        request = _Request(inputs, outputs, rows, deadline, headers, key, now, self._loop.create_future(), span)
         queue = self._groups.get(key)
         if queue is None:
             queue = self._groups[key] = collections.deque()
@@ -355,14 +374,14 @@ class Batcher(Backend):
                 return
             rows = sum(r.rows for r in live)
             self._batch_size.observe(rows)
+            traced = [r for r in live if r.span is not None] if self._tracer is not None else None
             try:
-                answer = await self.inner.infer(
-                    self._target,
-                    _concatenate(live),
-                    _union(live),
-                    max(r.deadline for r in live),
-                    live[0].headers,
-                )
+                if traced:
+                    answer = await self._traced_call(live, traced, rows)
+                else:
+                    answer = await self.inner.infer(
+                        self._target, _concatenate(live), _union(live), max(r.deadline for r in live), live[0].headers
+                    )
                 _split(live, answer, rows)
             except asyncio.CancelledError:
                 _fail(live, Unavailable(f"{self._what}: the gateway is shutting down"))
@@ -375,6 +394,31 @@ class Batcher(Backend):
         finally:
             self._inflight -= 1
             self._slots.release()
+
+
+    async def _traced_call(self, live: list[_Request], traced: list[_Request], rows: int) -> dict[str, np.ndarray]:
+        """The backend call of a batch with traced requests: their queue spans, one linked backend span."""
+        assert self._tracer is not None
+        dispatched_ns = time.time_ns()
+        for request in traced:
+            stage_span(self._tracer, QUEUE_SPAN, request.enqueued_ns, dispatched_ns, parent=request.span)
+        attributes = {
+            "infergate.backend.kind": self.inner.kind,
+            "infergate.backend.name": self.inner.name,
+            "infergate.backend.target": self._target,
+            "infergate.batch.rows": rows,
+            "infergate.batch.requests": len(live),
+        }
+        with self._tracer.start_as_current_span(
+            BACKEND_SPAN,
+            context=trace.set_span_in_context(traced[0].span),  # type: ignore[arg-type]
+            kind=SpanKind.CLIENT,
+            links=[Link(r.span.get_span_context()) for r in traced],  # type: ignore[union-attr]
+            attributes=attributes,
+        ):
+            return await self.inner.infer(
+                self._target, _concatenate(live), _union(live), max(r.deadline for r in live), outgoing_headers()
+            )
 
 
 def _concatenate(requests: Sequence[_Request]) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ from infergate.gateway.auth.keys import JwksFileSource, JwksUrlSource, KeySource
 from infergate.gateway.auth.ratelimit import TenantRateLimiter
 from infergate.gateway.auth.verifier import Reason, TokenRejected, TokenVerifier
 from infergate.gateway.config import AuthConfig
-from infergate.gateway.identity import current_identity
+from infergate.gateway.identity import auth_window_ns, current_identity
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method[1 : method.rfind("/")] in OPEN_SERVICES:
             return await continuation(handler_call_details)
+        started_ns = time.time_ns()
         try:
             token = bearer_token(handler_call_details.invocation_metadata)
             identity = self._verifier.cached(token) or await self._verifier.verify(token)
@@ -136,6 +137,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             log.debug("auth: %s refused: tenant %s over its rate (subject %s)", method, identity.tenant, identity.subject)
             return self._rate_limited.handler_for(await continuation(handler_call_details))
         current_identity.set(identity)
+        auth_window_ns.set((started_ns, time.time_ns()))
         return await continuation(handler_call_details)
 
 

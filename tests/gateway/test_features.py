@@ -192,10 +192,13 @@ async def test_bulk_fetch_reads_keys_around_the_id_and_refuses_malformed_rows(re
     await store.start()
     try:
         ids = entity_ids(np.array([e.encode() for e in rows], dtype=np.object_))
-        fetched = await store.fetch("v", ids, deadline=1e12)
+        fetched, misses = await store.fetch("v", ids, deadline=1e12)
+        partial, partial_misses = await store.fetch("v", [b"e3", b"nobody"], deadline=1e12)
         with pytest.raises(Internal) as err:
             await store.fetch("v", [b"e1", b"short"], deadline=1e12)
     finally:
         await store.close()
     np.testing.assert_array_equal(fetched, np.stack(list(rows.values())))
+    assert misses == 0 and partial_misses == 1
+    np.testing.assert_array_equal(partial, np.stack([rows["e3"], np.zeros(DIM, "<f4")]))
     assert "malformed row" in err.value.message and "short" in err.value.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent import futures
 
@@ -78,7 +79,7 @@ async def test_spans_continue_the_callers_trace(onnx_gateway_config, otlp_receiv
     assert _attributes(ok)["infergate.variant"] == "v1"
     _, failed = by_model["no_such_model"]
     assert failed.status.code == failed.status.STATUS_CODE_ERROR
-    assert _attributes(failed)["rpc.grpc.status_code"] == "NOT_FOUND"
+    assert failed.attributes and {a.key: a.value.int_value for a in failed.attributes}["rpc.grpc.status_code"] == 5  # NOT_FOUND
 
 
 async def test_no_endpoint_means_no_export(onnx_gateway_config, otlp_receiver):
@@ -94,3 +95,107 @@ async def test_no_endpoint_means_no_export(onnx_gateway_config, otlp_receiver):
             await client.close()
     assert result.as_numpy("PROBS").shape == (1, 4)
     assert receiver.spans == []
+
+
+# -- a span per stage ----------------------------------------------------------------------------
+
+CALLERS = 6
+
+
+def _traceparent(index: int) -> tuple[str, str, str]:
+    trace_id = f"{index + 1:032x}"
+    span_id = f"{index + 1:016x}"
+    return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
+
+
+def _row(value: float) -> list[InferInput]:
+    tensor = InferInput("INPUT", [1, 16], "FP32")
+    tensor.set_data_from_numpy(np.full((1, 16), value, np.float32))
+    return [tensor]
+
+
+def _tracing(port: int, **overrides) -> dict:
+    return {"service_name": "gw", "otlp_endpoint": f"http://127.0.0.1:{port}", **overrides}
+
+
+async def test_batched_calls_get_stage_spans_and_one_backend_span_linked_to_each(onnx_gateway_config, otlp_receiver):
+    receiver, port = otlp_receiver
+    config = dict(onnx_gateway_config, telemetry=_tracing(port))
+    # dispatch: delay with a long delay and a full batch of CALLERS rows: all callers share one batch.
+    config["models"]["linear"]["batching"] = {"max_batch_size": CALLERS, "dispatch": "delay", "max_delay_us": 5_000_000}
+    async with running_gateway(config) as gateway:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        try:
+            await asyncio.gather(
+                *(client.infer("linear", _row(i), headers={"traceparent": _traceparent(i)[2]}) for i in range(CALLERS))
+            )
+        finally:
+            await client.close()
+    spans = [span for _service, span in receiver.spans]
+    servers = {span.trace_id.hex(): span for span in spans if span.name == "infergate/ModelInfer"}
+    assert sorted(servers) == sorted(_traceparent(i)[0] for i in range(CALLERS))
+    for i in range(CALLERS):
+        trace_id, caller_span, _ = _traceparent(i)
+        server = servers[trace_id]
+        assert server.parent_span_id.hex() == caller_span
+        assert {a.key: a.value.string_value for a in server.attributes}["rpc.system"] == "grpc"
+        children = {span.name: span for span in spans if span.trace_id.hex() == trace_id and span.parent_span_id == server.span_id}
+        assert {"infergate/route", "infergate/queue"} <= set(children), sorted(children)
+        route = _attributes(children["infergate/route"])
+        assert route["infergate.variant"] == "v1" and route["infergate.route.reason"] == "weighted"
+        assert children["infergate/queue"].end_time_unix_nano >= children["infergate/queue"].start_time_unix_nano
+    (backend,) = [span for span in spans if span.name == "infergate/backend"]
+    assert backend.kind == backend.SPAN_KIND_CLIENT
+    assert {link.span_id for link in backend.links} == {server.span_id for server in servers.values()}
+    assert backend.parent_span_id in {server.span_id for server in servers.values()}
+    assert {a.key: a.value.int_value for a in backend.attributes}["infergate.batch.rows"] == CALLERS
+
+
+async def test_an_authenticated_call_gets_auth_route_and_backend_spans(onnx_gateway_config, otlp_receiver, tmp_path):
+    from tests.auth.conftest import auth_block
+    from tests.auth.issuer import Issuer
+
+    issuer = Issuer()
+    receiver, port = otlp_receiver
+    jwks = issuer.write_jwks(tmp_path / "jwks.json", "rsa-1")
+    config = dict(onnx_gateway_config, telemetry=_tracing(port), auth=auth_block(jwks_file=str(jwks)))
+    trace_id, caller_span, traceparent = _traceparent(40)
+    token = issuer.token(scope="infer:linear")
+    async with running_gateway(config) as gateway:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        try:
+            await client.infer("linear", _row(1.0), headers={"traceparent": traceparent, "authorization": f"Bearer {token}"})
+        finally:
+            await client.close()
+    spans = [span for _service, span in receiver.spans if span.trace_id.hex() == trace_id]
+    (server,) = [span for span in spans if span.name == "infergate/ModelInfer"]
+    assert server.parent_span_id.hex() == caller_span
+    children = {span.name: span for span in spans if span.parent_span_id == server.span_id}
+    assert set(children) == {"infergate/auth", "infergate/route", "infergate/backend"}
+    assert children["infergate/auth"].start_time_unix_nano <= server.start_time_unix_nano + 1_000_000_000
+    backend = {a.key: a.value for a in children["infergate/backend"].attributes}
+    assert backend["infergate.backend.kind"].string_value == "onnx"
+    assert all("linear" not in span.name for span in spans)  # span names never carry a model name
+
+
+async def test_sample_ratio_zero_sends_no_spans_and_a_dead_collector_fails_no_call(onnx_gateway_config, otlp_receiver):
+    from infergate.gateway.local_redis import free_port
+
+    receiver, port = otlp_receiver
+    unsampled = dict(onnx_gateway_config, telemetry=_tracing(port, sample_ratio=0.0))
+    dead = dict(onnx_gateway_config, telemetry=_tracing(free_port()))  # nothing listens there
+    answers = []
+    # Ratio 0: calls that bring no sampled trace context are not traced (ParentBased still follows a
+    # caller that says "sampled"). A dead collector: every call is traced and exported into the void.
+    for config, traced in ((unsampled, False), (dead, True)):
+        async with running_gateway(config) as gateway:
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+            try:
+                for i in range(20):
+                    headers = {"traceparent": _traceparent(60 + i)[2]} if traced else None
+                    result = await client.infer("linear", _row(float(i)), headers=headers)
+                    answers.append(result.as_numpy("PROBS"))
+            finally:
+                await client.close()
+    assert receiver.spans == []
+    assert len(answers) == 40 and all(a.shape == (1, 4) for a in answers)
