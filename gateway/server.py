@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 # Reflection resolves the inference service through the default descriptor pool, where
 # tritonclient registers the same (wire-identical) definitions; see gateway/_proto/pool.py.
@@ -37,6 +37,7 @@ from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
+from infergate.gateway.wire import DecodingRegistry
 from infergate.router.batcher import Batcher
 from infergate.router.runtime import Routing
 from infergate.router.table import Route, RouteTable
@@ -236,12 +237,13 @@ class Gateway:
         self._servicer = InferenceServicer(
             self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        registry = DecodingRegistry(server)  # a message that does not parse: INVALID_ARGUMENT on every RPC
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, registry)
         self._health = DrainingHealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, registry)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        services.extend(self.extra_services(server))
-        reflection.enable_server_reflection(services, server)
+        services.extend(self.extra_services(registry))
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(services), registry)
         listen = self.config.server.listen
         tls = self.config.server.tls
         if tls is not None:
@@ -262,7 +264,7 @@ class Gateway:
         await server.start()
         self._server = server
 
-    def extra_services(self, server: grpc.aio.Server) -> list[str]:
+    def extra_services(self, server: DecodingRegistry) -> list[str]:
         """Hook for more services on the same server; returns their full names for reflection."""
         assert self.pipeline is not None and self.routing is not None
         return [self.routing.add_admin(server, self.pipeline)]

@@ -34,11 +34,13 @@ from infergate.gateway.errors import (
     Unimplemented,
 )
 from infergate.gateway.config import TelemetryConfig
-from infergate.gateway.identity import current_identity
+from infergate.gateway.identity import Identity, current_identity
 from infergate.gateway.telemetry import Tracing, mark_error
 from infergate.gateway.pipeline import CallContext, ModelEndpoint, Pipeline
 
 log = logging.getLogger(__name__)
+
+RATE_LIMITED_MESSAGE = "tenant over its request rate"
 
 STREAM_MAX_IN_FLIGHT = 256
 """Requests of one stream processed at once; the stream reader waits beyond it."""
@@ -104,8 +106,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         default_deadline_ms: int,
         is_ready: Callable[[], bool],
         tracing: Tracing | None = None,
+        admit_message: Callable[[Identity], bool] | None = None,
     ) -> None:
+        """``admit_message(identity)``: whether a stream's next message is within its tenant's rate."""
         self._pipeline = pipeline
+        self._admit_message = admit_message
         self._tracing = tracing or Tracing(TelemetryConfig())
         self._default_deadline_s = default_deadline_ms / 1000
         self._is_ready = is_ready
@@ -202,10 +207,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, context)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """One response per request, in completion order; errors travel as ``error_message``."""
+        """One response per request, in completion order; errors travel as ``error_message``.
+
+        Backpressure: a request holds one of ``STREAM_MAX_IN_FLIGHT`` slots from being read until
+        its answer has been handed to grpc, so a client that sends without reading stops being
+        read (HTTP/2 flow control then holds it) instead of growing a queue of answers. Each
+        message after the first is charged to the tenant's rate (``admit_message``; opening the
+        stream charged the first). A message that cannot be decoded, or any failure of the reader,
+        ends the stream with its status.
+        """
         responses: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        identity = current_identity.get()
 
         async def answer(request) -> None:
             try:
@@ -213,33 +227,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                _code, message = to_status(exc)
-                response = pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
-                )
-            finally:
-                slots.release()
-            await responses.put(response)
+                response = error_response(request, to_status(exc)[1])
+            responses.put_nowait(response)
+
+        def error_response(request, message: str) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+            )
 
         async def read() -> None:
+            first = True
             async for request in request_iterator:
                 await slots.acquire()
+                if not first and self._admit_message is not None and not self._admit_message(identity):
+                    responses.put_nowait(error_response(request, RATE_LIMITED_MESSAGE))
+                    continue
+                first = False
                 task = asyncio.create_task(answer(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            await responses.put(None)
 
         reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _task: responses.put_nowait(None))
         try:
             while True:
                 response = await responses.get()
                 if response is None:
                     break
-                yield response
-            await reader
+                try:
+                    yield response
+                finally:
+                    slots.release()
+            await reader  # re-raises a reader failure (a malformed message has already aborted the call)
         finally:
             for task in (reader, *tasks):
                 task.cancel()

@@ -1,0 +1,119 @@
+"""Request decoding at the gRPC edge: a message that does not parse is INVALID_ARGUMENT, on every RPC.
+
+grpc.aio decodes a request with the handler's ``request_deserializer`` before any servicer or
+interceptor code can see the call's context; when that raises (``DecodeError`` on truncated
+bytes, a wrong wire type, invalid UTF-8 in a string field, nesting too deep) grpc answers
+UNKNOWN "Unexpected <class ...>", and a streamed request's error surfaces inside the servicer's
+iteration. ``DecodingRegistry`` stands between the generated ``add_*_to_server`` functions and the
+server: every method handler registered through it receives the raw bytes and decodes them in a
+wrapper that owns the call's context, so a bad message ends the call with INVALID_ARGUMENT and a
+short fixed message (never the bytes, never a traceback). It wraps once, at registration; a call
+pays one extra frame.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+Deserializer = Callable[[bytes], Any]
+
+
+async def decode_or_abort(deserialize: Deserializer, raw: bytes, context: grpc.aio.ServicerContext, what: str) -> Any:
+    """``deserialize(raw)``; a message that does not parse aborts the call with INVALID_ARGUMENT."""
+    try:
+        return deserialize(raw)
+    except Exception:  # DecodeError, RecursionError, ...: any failure to parse is the caller's bad input
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what} message")
+
+
+def _message_name(deserialize: Deserializer) -> str:
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "request")
+
+
+def strict_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    """``handler`` with its request decoding moved inside the call (see the module docstring)."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    deserialize = handler.request_deserializer
+    what = _message_name(deserialize)
+    serialize = handler.response_serializer
+
+    if not handler.request_streaming:
+        inner = handler.unary_unary or handler.unary_stream
+        if handler.response_streaming and inspect.isasyncgenfunction(inner):
+
+            async def unary_stream(raw: bytes, context):
+                request = await decode_or_abort(deserialize, raw, context, what)
+                async for response in inner(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
+
+        async def unary(raw: bytes, context):
+            return await inner(await decode_or_abort(deserialize, raw, context, what), context)
+
+        if handler.response_streaming:  # a coroutine that writes with context.write
+            return grpc.unary_stream_rpc_method_handler(unary, None, serialize)
+        return grpc.unary_unary_rpc_method_handler(unary, None, serialize)
+
+    async def decoded(raw_messages: AsyncIterator[bytes], context) -> AsyncIterator[Any]:
+        async for raw in raw_messages:
+            yield await decode_or_abort(deserialize, raw, context, what)
+
+    inner = handler.stream_unary or handler.stream_stream
+    if handler.response_streaming and inspect.isasyncgenfunction(inner):
+
+        async def stream_stream(raw_messages, context):
+            async for response in inner(decoded(raw_messages, context), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
+
+    async def stream(raw_messages, context):
+        return await inner(decoded(raw_messages, context), context)
+
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(stream, None, serialize)
+    return grpc.stream_unary_rpc_method_handler(stream, None, serialize)
+
+
+class _StrictGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose answers go through ``strict_handler``, each method's wrapped once."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if method not in self._wrapped:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:
+                return None  # not ours: not remembered, so unknown names cannot grow the dict
+            self._wrapped[method] = strict_handler(handler)
+        return self._wrapped[method]
+
+
+class DecodingRegistry:
+    """What the generated ``add_*_to_server`` functions need of a server, with strict decoding.
+
+    Pass it where a ``grpc.aio.Server`` is expected for registration only; ports, start and stop
+    stay on the server itself.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_StrictGenericHandler(h) for h in generic_rpc_handlers))
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self.server.add_registered_method_handlers(
+            service_name, {name: strict_handler(handler) for name, handler in method_handlers.items()}
+        )
