@@ -43,6 +43,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
+
+from infergate.gateway.redaction import redact_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -195,7 +197,9 @@ class RouteStore:
         try:
             await asyncio.wait_for(self._synced.wait(), first_sync_timeout_s)
         except asyncio.TimeoutError:
-            log.warning("route store at %s not reachable at start; serving the config's weights until it is", self._url)
+            log.warning(
+                "route store at %s not reachable at start; serving the config's weights until it is", redact_url(self._url)
+            )
             return False
         return True
 
