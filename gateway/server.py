@@ -37,6 +37,7 @@ from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
+from infergate.gateway.open_services import BudgetedReflectionServicer, DrainingHealthServicer, OpenStreamBudget
 from infergate.gateway.wire import DecodingRegistry
 from infergate.router.batcher import Batcher
 from infergate.router.runtime import Routing
@@ -44,36 +45,13 @@ from infergate.router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_MIN_S = 1.0
+"""The least time ``server.stop`` gives calls in progress; they are refusals or ending streams by then."""
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class StartupError(Exception):
     """The gateway cannot start with this config and these backends (exit code 1)."""
-
-
-class DrainingHealthServicer(health.aio.HealthServicer):
-    """grpc's asyncio health servicer, except that a Watch stream ends once shutdown has begun.
-
-    By then the watcher has been sent NOT_SERVING; left open (gRPC client-side health checking keeps
-    one per connection), its stream would hold ``server.stop(grace)`` for the whole grace period.
-    The loop is the base class's, with the exit added; it uses the base's state attributes.
-    """
-
-    async def Watch(self, request, context):
-        condition = self._server_watchers[request.service]
-        last_status = None
-        try:
-            async with condition:
-                while True:
-                    status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-                    if status != last_status:
-                        await context.write(health_pb2.HealthCheckResponse(status=status))
-                    last_status = status
-                    if self._gracefully_shutting_down:
-                        return
-                    await condition.wait()
-        finally:
-            self._server_watchers.pop(request.service, None)
 
 
 def build_backend(name: str, config, clock: Callable[[], float] = time.monotonic) -> Backend:
@@ -234,16 +212,20 @@ class Gateway:
             maximum_concurrent_rpcs=self.config.server.max_concurrent_rpcs,
         )
         assert self.pipeline is not None
+        limiter = self.auth.limiter if self.auth is not None else None
         self._servicer = InferenceServicer(
-            self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing
+            self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing,
+            # each message of a stream is charged to its tenant, not only the stream's opening
+            admit_message=(lambda identity: limiter.allow(identity.tenant)) if limiter is not None else None,
         )
         registry = DecodingRegistry(server)  # a message that does not parse: INVALID_ARGUMENT on every RPC
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, registry)
-        self._health = DrainingHealthServicer()
+        open_streams = OpenStreamBudget.from_config(self.config.server)  # Watch and reflection need no token
+        self._health = DrainingHealthServicer(open_streams)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, registry)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         services.extend(self.extra_services(registry))
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(services), registry)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(BudgetedReflectionServicer(services, open_streams), registry)
         listen = self.config.server.listen
         tls = self.config.server.tls
         if tls is not None:
@@ -292,8 +274,10 @@ class Gateway:
             # off calls it had received but not yet handed to the servicer (clients see CANCELLED).
             drain_started = time.monotonic()
             if self._servicer is not None:
-                await self._servicer.drain(grace)
-            await self._server.stop(max(0.0, grace - (time.monotonic() - drain_started)))
+                await self._servicer.drain(grace, self.config.server.drain_notice_s)
+            # At least STOP_GRACE_MIN_S: calls the server took in during the last moments of the drain
+            # (refused at once, or WatchRoutes/Watch ending) are answered, never cut off as CANCELLED.
+            await self._server.stop(max(STOP_GRACE_MIN_S, grace - (time.monotonic() - drain_started)))
             self._server = None
         self.tracing.shutdown()
         if self.routing is not None:  # before backends close: shadow copies use them

@@ -45,11 +45,9 @@ RATE_LIMITED_MESSAGE = "tenant over its request rate"
 STREAM_MAX_IN_FLIGHT = 256
 """Requests of one stream processed at once; the stream reader waits beyond it."""
 DRAIN_QUIET_S = 0.5
-"""On shutdown, the quiet time (no call finished or refused) the drain waits for before the server stops.
-
-A caller answered during the drain that sends its next call within this time hears UNAVAILABLE from
-the servicer; one that sends it later, after the server has begun to stop, can meet a transport
-race. 0.5 s leaves room for a busy client on a loaded machine and delays an idle stop not at all."""
+"""On shutdown, the notice period ends early once no call has finished or been refused for this long."""
+_DRAINED = object()
+"""Put on an open stream's answer queue when the drain is over: the stream ends UNAVAILABLE."""
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -116,33 +114,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._is_ready = is_ready
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # created by drain(), inside the loop
+        self._streams: set[asyncio.Queue] = set()
+        """The answer queues of the open ModelStreamInfer calls (the drain ends them)."""
         self._last_activity = float("-inf")
         """When an inference call last finished or was refused (time.monotonic)."""
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until no inference call is in progress and callers have gone quiet (at most
-        ``timeout_s``); True when no call was left in progress.
+    async def drain(self, timeout_s: float, notice_s: float = 0.0) -> bool:
+        """Wait for in-flight inference to finish (at most ``timeout_s``), then a notice period,
+        then end the open streams with UNAVAILABLE; True when no call was left in progress.
 
         The caller has made ``is_ready`` false first, so new calls are already refused with
-        UNAVAILABLE by this servicer while the server still accepts them. Stopping the server cuts
-        off calls it has received but not yet handed to a servicer (their callers see CANCELLED), so
-        the drain also waits until ``DRAIN_QUIET_S`` have passed since a call last finished or was
-        refused: callers that answer a finished call with a new one hear UNAVAILABLE from here.
+        UNAVAILABLE here while the server still accepts them. The notice period lets load
+        balancers see NOT_SERVING and move away: at most ``notice_s`` (never past ``timeout_s``),
+        and over as soon as callers have been quiet for ``DRAIN_QUIET_S``. It is bounded: refused
+        calls do not extend it, so a replica under steady traffic exits promptly too.
         """
         deadline = time.monotonic() + timeout_s
+        drained = True
         if self._in_flight:
             self._idle = asyncio.Event()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
             except TimeoutError:
                 log.warning("%d inference call(s) still in progress after %.1fs of drain", self._in_flight, timeout_s)
-                return False
-        while True:
+                drained = False
+        notice_end = min(deadline, time.monotonic() + notice_s)
+        while drained:
             now = time.monotonic()
             quiet_s = now - self._last_activity
-            if quiet_s >= DRAIN_QUIET_S or now >= deadline:
-                return True
-            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_s, deadline - now))
+            if quiet_s >= DRAIN_QUIET_S or now >= notice_end:
+                break
+            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_s, notice_end - now))
+        for answers in self._streams:
+            answers.put_nowait(_DRAINED)
+        return drained
 
     # -- health and metadata -------------------------------------------------------------------
 
@@ -252,17 +257,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         reader.add_done_callback(lambda _task: responses.put_nowait(None))
+        self._streams.add(responses)
         try:
-            while True:
-                response = await responses.get()
-                if response is None:
-                    break
-                try:
-                    yield response
-                finally:
-                    slots.release()
-            await reader  # re-raises a reader failure (a malformed message has already aborted the call)
+            async with status_boundary(context):
+                while True:
+                    response = await responses.get()
+                    if response is None:
+                        break
+                    if response is _DRAINED:
+                        raise Unavailable("the gateway is shutting down; open the stream on another replica")
+                    try:
+                        yield response
+                    finally:
+                        slots.release()
+                await reader  # re-raises a reader failure (a malformed message has already aborted the call)
         finally:
+            self._streams.discard(responses)
             for task in (reader, *tasks):
                 task.cancel()
             await asyncio.gather(reader, *tasks, return_exceptions=True)
