@@ -110,9 +110,10 @@ class ModelEndpoint:
     name: str
     config: ModelRouteConfig
     variants: dict[str, Variant]
-    signature: ModelSignature
+    signature: ModelSignature | None
     """The signature requests are validated against: the baseline variant's (with the entity input
-    in place of the feature input when the model has online features)."""
+    in place of the feature input when the model has online features); None while no variant could
+    be loaded (its backend unreachable since start: calls get UNAVAILABLE until one loads)."""
     stats: "ModelStats" = field(default_factory=lambda: ModelStats())
     feature_store: "FeatureStore | None" = None
     """Where this model's online features come from (None when it has none)."""

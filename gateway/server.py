@@ -32,7 +32,7 @@ from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from infergate.gateway.auth import AuthSetupError, Authenticator
 from infergate.gateway.config import GatewayConfig, ModelRouteConfig
-from infergate.gateway.errors import GatewayError
+from infergate.gateway.errors import BackendUnavailable, GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
@@ -82,6 +82,10 @@ class Gateway:
         """The same backends behind their breaker, in-flight limit and retries; variants call these."""
         self._batchers: list[Batcher] = []
         self._pollers: list[ReadinessPoller] = []
+        self._late_loads: set[asyncio.Task] = set()
+        """Variants whose backend was unreachable at start, being loaded once it answers."""
+        self._reference: dict[str, Variant] = {}
+        """Per model, the variant whose signature the model serves (the others must be compatible)."""
         self.routes = RouteTable()
         self.routing: Routing | None = None
         """Selector, Redis route store, canary controllers and shadow copies (created in start)."""
@@ -142,30 +146,89 @@ class Gateway:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _load_model(self, model_name: str, model_config: ModelRouteConfig) -> ModelEndpoint:
+        """Load every variant. One whose backend cannot be reached now (a Triton that is down) does
+        not stop the start: it is unavailable (its fallback serves; UNAVAILABLE without one) and is
+        loaded in the background once reachable (``_load_when_reachable``)."""
         variants: dict[str, Variant] = {}
+        unreachable: list[Variant] = []
         for name, variant_config in model_config.variants.items():
             backend = self.resilient[variant_config.backend]
             target = str(variant_config.path) if backend.kind == "onnx" else variant_config.model
             variant = Variant(model_name, name, backend, target, variant_config.fallback, backend.breaker)
             try:
                 await variant.load()
+            except BackendUnavailable as exc:
+                log.warning("models.%s.variants.%s: backend %s not reachable (%s); serving without it until it is",
+                            model_name, name, backend.name, exc.message)
+                variant.ready = False
+                unreachable.append(variant)
             except GatewayError as exc:
                 raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
             variants[name] = variant
-        baseline = variants[model_config.baseline]
-        assert baseline.signature is not None
-        for name, variant in variants.items():
-            _check_compatible(model_name, model_config.baseline, baseline.signature, name, variant.signature)
-        for variant in variants.values():
+        loaded = [v for v in variants.values() if v.signature is not None]
+        # The baseline's signature, else (its backend is down) the first loaded variant's.
+        reference = variants[model_config.baseline] if variants[model_config.baseline].signature else (loaded or [None])[0]
+        for variant in loaded:
+            assert reference is not None and reference.signature is not None
+            _check_compatible(model_name, reference.name, reference.signature, variant.name, variant.signature)
             await self._start_resilience(variant, model_config)
-        signature = baseline.signature
+        endpoint = ModelEndpoint(model_name, model_config, variants, None, feature_store=self.feature_store)  # type: ignore[arg-type]
+        if reference is not None:
+            self._learn_signature(endpoint, reference)
+        for variant in unreachable:
+            task = asyncio.create_task(self._load_when_reachable(endpoint, variant), name=f"load-{model_name}-{variant.name}")
+            self._late_loads.add(task)
+            task.add_done_callback(self._late_loads.discard)
+        return endpoint
+
+    def _learn_signature(self, endpoint: ModelEndpoint, reference: Variant) -> None:
+        """Give ``endpoint`` the signature callers see, from ``reference``'s (features added)."""
+        model_config = endpoint.config
+        signature = reference.signature
+        assert signature is not None
         if model_config.features is not None:
             view = self.config.feature_views[model_config.features.view]
             try:
                 signature = gateway_signature(signature, model_config.features, view.dim)
             except ValueError as exc:
-                raise StartupError(f"models.{model_name}.features: {exc}") from exc
-        return ModelEndpoint(model_name, model_config, variants, signature, feature_store=self.feature_store)
+                raise StartupError(f"models.{endpoint.name}.features: {exc}") from exc
+        self._reference[endpoint.name] = reference
+        endpoint.signature = signature
+
+    async def _load_when_reachable(self, endpoint: ModelEndpoint, variant: Variant) -> None:
+        """Try to load ``variant`` every ``readiness_poll_s`` until its backend answers; then check
+        it against the signature the model serves (or learn that signature from it), start its
+        batcher and poller, and make it available."""
+        interval_s = self.config.backends[variant.backend.name].readiness_poll_s
+        reported = ""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await variant.load()
+                break
+            except BackendUnavailable:
+                continue
+            except GatewayError as exc:  # e.g. Triton answers but is still loading its models: try again
+                if exc.message != reported:
+                    log.warning("models.%s.variants.%s: backend answers but the model does not load yet (%s); retrying",
+                                endpoint.name, variant.name, exc.message)
+                    reported = exc.message
+        reference = self._reference.get(endpoint.name)
+        try:
+            if reference is None:
+                self._learn_signature(endpoint, variant)
+            else:
+                assert reference.signature is not None
+                _check_compatible(endpoint.name, reference.name, reference.signature, variant.name, variant.signature)
+        except StartupError as exc:
+            log.error("%s; the variant stays unavailable", exc)
+            return
+        await self._start_resilience(variant, endpoint.config)
+        variant.ready = True
+        log.warning("models.%s.variants.%s: backend %s reachable, variant loaded and serving",
+                    endpoint.name, variant.name, variant.backend.name)
+        if self._health is not None and self._ready:
+            await self._health.set(endpoint.name, health_pb2.HealthCheckResponse.SERVING)
 
     async def _start_resilience(self, variant: Variant, model_config: ModelRouteConfig) -> None:
         """A batcher when the model batches and the signature allows; a readiness poller for Triton."""
@@ -257,8 +320,10 @@ class Gateway:
         await self._health.set("", status)
         await self._health.set(INFERENCE_SERVICE, status)
         if self.pipeline is not None:
-            for model in self.pipeline.endpoints:
-                await self._health.set(model, status)
+            for model, endpoint in self.pipeline.endpoints.items():
+                served = endpoint.signature is not None and any(v.available() for v in endpoint.variants.values())
+                # A model none of whose variants could be loaded yet is not serving, honestly.
+                await self._health.set(model, status if served else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within the grace period, close backends."""
@@ -286,6 +351,9 @@ class Gateway:
             await self.auth.close()
         if self.feature_store is not None:
             await self.feature_store.close()
+        for task in list(self._late_loads):
+            task.cancel()
+        await asyncio.gather(*self._late_loads, return_exceptions=True)
         for poller in self._pollers:
             await poller.stop()
         for batcher in self._batchers:  # in-flight calls are done: nothing is waiting on these
