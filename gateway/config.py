@@ -239,6 +239,8 @@ class ModelFeaturesConfig(_Model):
     """Input holding entity ids (BYTES or INT64, shape [N] or [N, 1]); not sent to the backend."""
     feature_input: str
     """Backend input the fetched features are written to, shape [N, dim], FP32."""
+    max_entities: int = Field(1024, ge=1)
+    """Entity ids one call may carry (rows; each is one Redis read); beyond it INVALID_ARGUMENT."""
 
 
 class BatchingConfig(_Model):

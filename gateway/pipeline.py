@@ -120,9 +120,16 @@ class ModelEndpoint:
 
     @property
     def max_batch_size(self) -> int:
+        """Rows one call may carry (0: no limit); a model with online features at most
+        ``features.max_entities`` (each row is one Redis read)."""
         if self.config.batching is not None:
-            return self.config.batching.max_batch_size
-        return self.signature.max_batch_size
+            limit = self.config.batching.max_batch_size
+        else:
+            limit = self.signature.max_batch_size if self.signature is not None else 0
+        if self.config.features is not None:
+            entities = self.config.features.max_entities
+            limit = min(limit, entities) if limit else entities
+        return limit
 
 
 @dataclass
