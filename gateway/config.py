@@ -63,6 +63,9 @@ class ServerConfig(_Model):
     """Deadline applied to calls that carry none."""
     shutdown_grace_s: float = Field(10.0, ge=0)
     """On SIGTERM, how long in-flight calls get to finish before they are cancelled."""
+    max_inflight_request_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    """Wire bytes of the requests being served at once (0: no limit); past it RESOURCE_EXHAUSTED.
+    Decoding and batching copy a request about twice, so the default keeps a 2 GiB pod clear."""
     drain_notice_s: float = Field(1.0, ge=0)
     """On SIGTERM, once in-flight calls are done, how long new calls are still answered UNAVAILABLE
     (health says NOT_SERVING) so that load balancers notice before the port closes; it ends early

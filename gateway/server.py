@@ -37,6 +37,7 @@ from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
+from infergate.gateway.admission import MemoryBudget
 from infergate.gateway.open_services import BudgetedReflectionServicer, DrainingHealthServicer, OpenStreamBudget
 from infergate.gateway.wire import DecodingRegistry
 from infergate.router.batcher import Batcher
@@ -275,13 +276,16 @@ class Gateway:
             maximum_concurrent_rpcs=self.config.server.max_concurrent_rpcs,
         )
         assert self.pipeline is not None
+        memory = MemoryBudget(self.config.server.max_inflight_request_bytes)
         limiter = self.auth.limiter if self.auth is not None else None
         self._servicer = InferenceServicer(
             self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing,
             # each message of a stream is charged to its tenant, not only the stream's opening
             admit_message=(lambda identity: limiter.allow(identity.tenant)) if limiter is not None else None,
+            memory=memory,
         )
-        registry = DecodingRegistry(server)  # a message that does not parse: INVALID_ARGUMENT on every RPC
+        # A message that does not parse: INVALID_ARGUMENT on every RPC; unary requests admitted by size.
+        registry = DecodingRegistry(server, memory)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, registry)
         open_streams = OpenStreamBudget.from_config(self.config.server)  # Watch and reflection need no token
         self._health = DrainingHealthServicer(open_streams)

@@ -24,8 +24,10 @@ from infergate.gateway.converters import (
     encode_model_config,
     encode_model_metadata,
 )
+from infergate.gateway.admission import MemoryBudget
 from infergate.gateway.errors import (
     DeadlineExceeded,
+    ResourceExhausted,
     GatewayError,
     Internal,
     NotFound,
@@ -105,10 +107,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         tracing: Tracing | None = None,
         admit_message: Callable[[Identity], bool] | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         """``admit_message(identity)``: whether a stream's next message is within its tenant's rate."""
         self._pipeline = pipeline
         self._admit_message = admit_message
+        self._memory = memory
         self._tracing = tracing or Tracing(TelemetryConfig())
         self._default_deadline_s = default_deadline_ms / 1000
         self._is_ready = is_ready
@@ -226,14 +230,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
         identity = current_identity.get()
 
-        async def answer(request) -> None:
+        async def answer(request, reserved: int) -> None:
             try:
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 response = error_response(request, to_status(exc)[1])
-            responses.put_nowait(response)
+            responses.put_nowait((response, reserved))
 
         def error_response(request, message: str) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(
@@ -241,15 +245,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
             )
 
+        held = 0  # bytes of this stream's requests in the memory budget, given back as answers are written
+
         async def read() -> None:
+            nonlocal held
             first = True
             async for request in request_iterator:
                 await slots.acquire()
                 if not first and self._admit_message is not None and not self._admit_message(identity):
-                    responses.put_nowait(error_response(request, RATE_LIMITED_MESSAGE))
+                    responses.put_nowait((error_response(request, RATE_LIMITED_MESSAGE), 0))
                     continue
                 first = False
-                task = asyncio.create_task(answer(request))
+                reserved = 0
+                if self._memory is not None:  # held until the answer is written
+                    size = request.ByteSize()
+                    try:
+                        self._memory.reserve(size)
+                    except ResourceExhausted as exc:
+                        responses.put_nowait((error_response(request, exc.message), 0))
+                        continue
+                    reserved = size
+                    held += size
+                task = asyncio.create_task(answer(request, reserved))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -266,16 +283,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         break
                     if response is _DRAINED:
                         raise Unavailable("the gateway is shutting down; open the stream on another replica")
+                    response, reserved = response
                     try:
                         yield response
                     finally:
                         slots.release()
+                        if reserved:
+                            self._memory.release(reserved)
+                            held -= reserved
                 await reader  # re-raises a reader failure (a malformed message has already aborted the call)
         finally:
             self._streams.discard(responses)
             for task in (reader, *tasks):
                 task.cancel()
             await asyncio.gather(reader, *tasks, return_exceptions=True)
+            if held:  # answers never written (the caller left): their requests leave the budget too
+                self._memory.release(held)
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         """One inference request (unary, or one of a stream), counted for the drain."""

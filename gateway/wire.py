@@ -8,7 +8,8 @@ iteration. ``DecodingRegistry`` stands between the generated ``add_*_to_server``
 server: every method handler registered through it receives the raw bytes and decodes them in a
 wrapper that owns the call's context, so a bad message ends the call with INVALID_ARGUMENT and a
 short fixed message (never the bytes, never a traceback). It wraps once, at registration; a call
-pays one extra frame.
+pays one extra frame. The same seam admits unary requests against the in-flight memory budget
+(``gateway/admission.py``) before they are decoded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,21 @@ from typing import Any
 
 import grpc
 
+from infergate.gateway.admission import MemoryBudget
+from infergate.gateway.errors import ResourceExhausted
+
 Deserializer = Callable[[bytes], Any]
+
+
+async def admit_or_abort(budget: MemoryBudget | None, raw: bytes, context: grpc.aio.ServicerContext) -> int:
+    """Reserve ``len(raw)`` of ``budget`` for the call; over it, end the call RESOURCE_EXHAUSTED."""
+    if budget is None:
+        return 0
+    try:
+        budget.reserve(len(raw))
+    except ResourceExhausted as exc:
+        await context.abort(exc.code, exc.message)
+    return len(raw)
 
 
 async def decode_or_abort(deserialize: Deserializer, raw: bytes, context: grpc.aio.ServicerContext, what: str) -> Any:
@@ -36,8 +51,9 @@ def _message_name(deserialize: Deserializer) -> str:
     return getattr(descriptor, "full_name", "request")
 
 
-def strict_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
-    """``handler`` with its request decoding moved inside the call (see the module docstring)."""
+def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget | None = None) -> grpc.RpcMethodHandler | None:
+    """``handler`` with its request decoding moved inside the call (see the module docstring); a
+    unary request also holds its size of ``budget`` until the call ends (streams: the servicer)."""
     if handler is None or handler.request_deserializer is None:
         return handler
     deserialize = handler.request_deserializer
@@ -49,14 +65,24 @@ def strict_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandl
         if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
             async def unary_stream(raw: bytes, context):
-                request = await decode_or_abort(deserialize, raw, context, what)
-                async for response in inner(request, context):
-                    yield response
+                reserved = await admit_or_abort(budget, raw, context)
+                try:
+                    request = await decode_or_abort(deserialize, raw, context, what)
+                    async for response in inner(request, context):
+                        yield response
+                finally:
+                    if reserved:
+                        budget.release(reserved)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
 
         async def unary(raw: bytes, context):
-            return await inner(await decode_or_abort(deserialize, raw, context, what), context)
+            reserved = await admit_or_abort(budget, raw, context)
+            try:
+                return await inner(await decode_or_abort(deserialize, raw, context, what), context)
+            finally:
+                if reserved:
+                    budget.release(reserved)
 
         if handler.response_streaming:  # a coroutine that writes with context.write
             return grpc.unary_stream_rpc_method_handler(unary, None, serialize)
@@ -86,8 +112,9 @@ def strict_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandl
 class _StrictGenericHandler(grpc.GenericRpcHandler):
     """A generic handler whose answers go through ``strict_handler``, each method's wrapped once."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, budget: MemoryBudget | None) -> None:
         self._inner = inner
+        self._budget = budget
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -96,7 +123,7 @@ class _StrictGenericHandler(grpc.GenericRpcHandler):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None  # not ours: not remembered, so unknown names cannot grow the dict
-            self._wrapped[method] = strict_handler(handler)
+            self._wrapped[method] = strict_handler(handler, self._budget)
         return self._wrapped[method]
 
 
@@ -107,13 +134,14 @@ class DecodingRegistry:
     stay on the server itself.
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, budget: MemoryBudget | None = None) -> None:
         self.server = server
+        self.budget = budget
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers(tuple(_StrictGenericHandler(h) for h in generic_rpc_handlers))
+        self.server.add_generic_rpc_handlers(tuple(_StrictGenericHandler(h, self.budget) for h in generic_rpc_handlers))
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self.server.add_registered_method_handlers(
-            service_name, {name: strict_handler(handler) for name, handler in method_handlers.items()}
+            service_name, {name: strict_handler(handler, self.budget) for name, handler in method_handlers.items()}
         )
