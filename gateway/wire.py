@@ -21,9 +21,13 @@ from typing import Any
 import grpc
 
 from infergate.gateway.admission import MemoryBudget
-from infergate.gateway.errors import ResourceExhausted
+from infergate.gateway.errors import InvalidArgument, ResourceExhausted
 
 Deserializer = Callable[[bytes], Any]
+
+
+class MalformedMessage(InvalidArgument):
+    """A streamed request message that does not parse."""
 
 
 async def admit_or_abort(budget: MemoryBudget | None, raw: bytes, context: grpc.aio.ServicerContext) -> int:
@@ -88,21 +92,33 @@ def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget |
             return grpc.unary_stream_rpc_method_handler(unary, None, serialize)
         return grpc.unary_unary_rpc_method_handler(unary, None, serialize)
 
-    async def decoded(raw_messages: AsyncIterator[bytes], context) -> AsyncIterator[Any]:
+    async def decoded(raw_messages: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        # Raises instead of aborting: the servicer may read its stream from another task while the
+        # handler writes, and a status sent from there collides with the write. The handler's own
+        # task turns the error into the status (the servicer's status boundary, or the wrapper below).
         async for raw in raw_messages:
-            yield await decode_or_abort(deserialize, raw, context, what)
+            try:
+                yield deserialize(raw)
+            except Exception as exc:
+                raise MalformedMessage(f"malformed {what} message") from exc
 
     inner = handler.stream_unary or handler.stream_stream
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
         async def stream_stream(raw_messages, context):
-            async for response in inner(decoded(raw_messages, context), context):
-                yield response
+            try:
+                async for response in inner(decoded(raw_messages), context):
+                    yield response
+            except MalformedMessage as exc:
+                await context.abort(exc.code, exc.message)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 
     async def stream(raw_messages, context):
-        return await inner(decoded(raw_messages, context), context)
+        try:
+            return await inner(decoded(raw_messages), context)
+        except MalformedMessage as exc:
+            await context.abort(exc.code, exc.message)
 
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(stream, None, serialize)
