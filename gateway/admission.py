@@ -13,11 +13,10 @@ a ``ModelStreamInfer`` stream is admitted by the servicer and held until its ans
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Callable
 
 from infergate.gateway import metrics
 from infergate.gateway.errors import ResourceExhausted

@@ -43,14 +43,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
-
-from infergate.gateway.redaction import redact_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infergate.gateway.config import ModelRouteConfig
 from infergate.gateway.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+from infergate.gateway.redaction import redact_url
 from infergate.router.audit import MAX_ENTRIES, AuditLog, AuditRecord, audit_key
 from infergate.router.table import Route, RouteTable, check_weights
 
