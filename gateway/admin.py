@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
-from infergate.gateway.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, Unavailable
+from infergate.gateway.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from infergate.gateway.identity import Identity, current_identity
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline
 from infergate.gateway.servicer import status_boundary
@@ -30,6 +30,8 @@ from infergate.router.table import Route, RouteTable
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name
+MAX_WEIGHTS = 64
+"""Entries a SetWeights may carry (each must name a variant of the model anyway)."""
 WATCH_BUFFER = 256
 """Route changes buffered per watcher; a watcher that falls this far behind is ended (RESOURCE_EXHAUSTED)."""
 
@@ -138,21 +140,27 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
     async def SetWeights(self, request, context):
         async with status_boundary(context):
             identity = _admin()
+            if len(request.weights) > MAX_WEIGHTS:
+                raise InvalidArgument(f"{len(request.weights)} weights given; a route has at most {MAX_WEIGHTS} variants")
             route = await self._writer().set_weights(
-                request.model, dict(request.weights), identity.subject, request.reason, request.expected_revision
+                request.model, dict(request.weights), identity.subject, request.reason, request.expected_revision,
+                request_id=request.request_id,
             )
             return pb.RouteChangeResponse(route=await self._route(route.model, route))
 
     async def Promote(self, request, context):
         async with status_boundary(context):
             identity = _admin()
-            route = await self._writer().promote(request.model, request.variant, identity.subject, request.reason)
+            route = await self._writer().promote(
+                request.model, request.variant, identity.subject, request.reason, request_id=request.request_id
+            )
             return pb.RouteChangeResponse(route=await self._route(route.model, route))
 
     async def Rollback(self, request, context):
         async with status_boundary(context):
             identity = _admin()
-            route = await self._writer().rollback(request.model, identity.subject, request.reason)
+            route = await self._writer().rollback(request.model, identity.subject, request.reason,
+                                                  request_id=request.request_id)
             return pb.RouteChangeResponse(route=await self._route(route.model, route))
 
     async def GetAuditLog(self, request, context):

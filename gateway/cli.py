@@ -26,14 +26,13 @@ EXIT_CONFIG = 2
 
 def _setup_logging(level: str) -> None:
     from infergate.gateway.auth.logfilter import SubjectLogFilter
+    from infergate.gateway.redaction import RedactingFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(SubjectLogFilter())  # [subject]: who the call being served is for, "-" outside calls
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(subject)s]: %(message)s",
-        handlers=[handler],
-    )
+    # No secret in any line, tracebacks included: URL passwords, tokens, the HS256 secret.
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s [%(subject)s]: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def _load(config_path: Optional[Path]) -> GatewayConfig:

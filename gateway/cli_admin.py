@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
@@ -65,6 +67,20 @@ def register(app: typer.Typer) -> None:
 # -- the connection ------------------------------------------------------------------------------
 
 
+RETRY_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    (
+        "grpc.service_config",
+        json.dumps({"methodConfig": [{
+            "name": [{"service": "infergate.admin.v1.RoutingAdmin"}],
+            "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+        }]}),
+    ),
+]
+"""A call that meets UNAVAILABLE is tried again; safe for changes, which carry an idempotency key."""
+
+
 class AdminClient:
     """A blocking RoutingAdmin client; gRPC errors surface as ``grpc.RpcError``."""
 
@@ -83,11 +99,11 @@ class AdminClient:
             try:
                 tls = client_tls(ca_file, cert_file, key_file)
                 assert tls is not None
-                self._channel = grpc.secure_channel(gateway, tls.channel_credentials())
+                self._channel = grpc.secure_channel(gateway, tls.channel_credentials(), options=RETRY_OPTIONS)
             except TlsOptionsError as exc:
                 _fail_usage(str(exc))
         else:
-            self._channel = grpc.insecure_channel(gateway)
+            self._channel = grpc.insecure_channel(gateway, options=RETRY_OPTIONS)
         self.stub = pb_grpc.RoutingAdminStub(self._channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout_s = timeout_s
@@ -206,7 +222,8 @@ def canary_set(
 ) -> None:
     """Set a model's weights atomically (rejected whole when any part is wrong)."""
     request = pb.SetWeightsRequest(
-        model=model, weights=parse_weights(weights), expected_revision=expect_revision, reason=reason
+        model=model, weights=parse_weights(weights), expected_revision=expect_revision, reason=reason,
+        request_id=uuid.uuid4().hex,
     )
     _print_change(conn.call("SetWeights", request), conn.as_json)
 
@@ -221,7 +238,7 @@ def canary_promote(
     conn: Connection,
 ) -> None:
     """VARIANT to 100, every other variant to 0."""
-    request = pb.PromoteRequest(model=model, variant=variant, reason=reason)
+    request = pb.PromoteRequest(model=model, variant=variant, reason=reason, request_id=uuid.uuid4().hex)
     _print_change(conn.call("Promote", request), conn.as_json)
 
 
@@ -234,7 +251,7 @@ def canary_rollback(
     conn: Connection,
 ) -> None:
     """Back to the baseline (the model's first variant in config) at 100."""
-    request = pb.RollbackRequest(model=model, reason=reason)
+    request = pb.RollbackRequest(model=model, reason=reason, request_id=uuid.uuid4().hex)
     _print_change(conn.call("Rollback", request), conn.as_json)
 
 
@@ -252,16 +269,16 @@ def canary_status(
         return
     _print_routes([route])
     canary = route.canary
-    console = Console()
+    console = _console()
     if not canary.enabled:
-        console.print(f"{model}: no automated canary (no canary block, or no Redis)")
+        console.print(_literal(f"{model}: no automated canary (no canary block, or no Redis)"))
         return
-    console.print(
-        f"canary of [bold]{canary.candidate}[/bold]: {canary.state}, step {canary.step_index + 1}, "
+    console.print(_literal(
+        f"canary of {canary.candidate}: {canary.state}, step {canary.step_index + 1}, "
         f"{canary.current_percent}% | leader: {canary.leader or 'none'}"
-    )
+    ))
     if canary.last_reason:
-        console.print(f"last: {canary.last_reason}")
+        console.print(_literal(f"last: {canary.last_reason}"))
 
 
 @admin_command
@@ -280,11 +297,11 @@ def audit(
     for column in ("time (UTC)", "model", "rev", "subject", "action", "from", "to", "reason"):
         table.add_column(column)
     for entry in response.entries:
-        table.add_row(
+        table.add_row(*map(_literal, (
             _time(entry.time_unix_s), entry.model, str(entry.revision), entry.subject, entry.action,
             _weights_text(entry.old_weights), _weights_text(entry.new_weights), entry.reason,
-        )
-    Console().print(table)
+        )))
+    _console().print(table)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -313,10 +330,10 @@ def _watch(model: str, conn: Connection) -> None:
                 _print_routes([event.route])
                 if event.HasField("change"):
                     change = event.change
-                    Console().print(
+                    _console().print(_literal(
                         f"{_time(change.time_unix_s)} {change.subject} {change.action}: "
                         f"{_weights_text(change.old_weights)} -> {_weights_text(change.new_weights)} {change.reason}"
-                    )
+                    ))
                 sys.stdout.flush()
     except grpc.RpcError as exc:
         _fail_rpc(exc)
@@ -347,7 +364,7 @@ def _print_routes(found: Sequence[pb.Route]) -> None:
                 notes.append(f"shadow {route.shadow_percent}%")
             if route.canary.enabled and variant.name == route.canary.candidate:
                 notes.append(f"canary {route.canary.state}")
-            table.add_row(
+            table.add_row(*map(_literal, (
                 route.model if index == 0 else "",
                 str(route.revision) if index == 0 else "",
                 variant.name,
@@ -357,9 +374,20 @@ def _print_routes(found: Sequence[pb.Route]) -> None:
                 variant.backend,
                 variant.fallback,
                 ", ".join(notes),
-            )
+            )))
         table.add_section()
-    Console().print(table)
+    _console().print(table)
+
+
+def _console() -> Console:
+    """A console that prints text as it is: stored text (reasons, subjects, names) comes from
+    other people and is never read as rich markup, emoji codes or highlighting."""
+    return Console(markup=False, emoji=False, highlight=False)
+
+
+def _literal(value: str) -> Text:
+    """``value`` as plain text, with control characters (terminal escapes) shown escaped."""
+    return Text("".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in value))
 
 
 def _to_dict(message: Message) -> dict:

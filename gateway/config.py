@@ -72,6 +72,20 @@ class ServerConfig(_Model):
     """Deadline applied to calls that carry none."""
     shutdown_grace_s: float = Field(10.0, ge=0)
     """On SIGTERM, how long in-flight calls get to finish before they are cancelled."""
+    max_inflight_request_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    """Wire bytes of the requests being served at once (0: no limit); past it RESOURCE_EXHAUSTED.
+    Decoding and batching copy a request about twice, so the default keeps a 2 GiB pod clear."""
+    drain_notice_s: float = Field(1.0, ge=0)
+    """On SIGTERM, once in-flight calls are done, how long new calls are still answered UNAVAILABLE
+    (health says NOT_SERVING) so that load balancers notice before the port closes; it ends early
+    once no call has come for 0.5 s, and never outlasts ``shutdown_grace_s``."""
+    max_open_streams_without_auth: int = Field(256, ge=1)
+    """Health Watch and reflection streams (they need no token) open at once, all callers together;
+    never more than a quarter of ``max_concurrent_rpcs``. Beyond it: RESOURCE_EXHAUSTED."""
+    max_open_streams_without_auth_per_connection: int = Field(8, ge=1)
+    """The same, per client connection."""
+    open_stream_without_auth_max_age_s: float = Field(600.0, gt=0)
+    """Such a stream ends (OK) after this long; clients open it again."""
     tls: TlsConfig | None = None
     """Server TLS; absent means plaintext."""
 
@@ -249,6 +263,8 @@ class ModelFeaturesConfig(_Model):
     """Input holding entity ids (BYTES or INT64, shape [N] or [N, 1]); not sent to the backend."""
     feature_input: str
     """Backend input the fetched features are written to, shape [N, dim], FP32."""
+    max_entities: int = Field(1024, ge=1)
+    """Entity ids one call may carry (rows; each is one Redis read); beyond it INVALID_ARGUMENT."""
 
 
 class BatchingConfig(_Model):

@@ -92,6 +92,7 @@ def decode_infer_request(
         )
     seen: set[str] = set()
     inputs: dict[str, np.ndarray] = {}
+    row_limit = _row_limit(signature, max_batch_size)
     for index, tensor in enumerate(request.inputs):
         if tensor.name in seen:
             raise InvalidArgument(f"input {tensor.name!r} appears more than once")
@@ -104,6 +105,9 @@ def decode_infer_request(
             if name in UNSUPPORTED_TENSOR_PARAMETERS:
                 raise InvalidArgument(f"input {tensor.name!r}: {UNSUPPORTED_TENSOR_PARAMETERS[name]}")
         shape = _check_shape(tensor, spec, signature.batched)
+        # Before any decoding: the declared batch dimension bounds the O(n) work (BYTES, typed contents).
+        if row_limit and signature.batched and shape and shape[0] > row_limit:
+            raise InvalidArgument(f"batch of {shape[0]} rows is over the model's max_batch_size {row_limit}")
         has_typed = bool(_typed_fields(tensor))
         if use_raw and has_typed:
             raise InvalidArgument(f"input {tensor.name!r}: both raw_input_contents and typed contents are set")
@@ -209,6 +213,12 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str,
     return array.reshape(shape)
 
 
+def _row_limit(signature: ModelSignature, max_batch_size: int) -> int:
+    """The most rows a request may carry: the smaller of the two limits that are set (0: none)."""
+    limits = [x for x in (max_batch_size, signature.max_batch_size) if x > 0]
+    return min(limits) if limits else 0
+
+
 def _check_rows(inputs: Mapping[str, np.ndarray], signature: ModelSignature, max_batch_size: int) -> int:
     if not signature.batched or not inputs:
         return 0
@@ -216,7 +226,7 @@ def _check_rows(inputs: Mapping[str, np.ndarray], signature: ModelSignature, max
     if len(set(rows.values())) != 1:
         raise InvalidArgument(f"inputs disagree on the batch dimension: {rows}")
     count = next(iter(rows.values()))
-    limit = min(x for x in (max_batch_size, signature.max_batch_size) if x > 0) if (max_batch_size or signature.max_batch_size) else 0
+    limit = _row_limit(signature, max_batch_size)
     if limit and count > limit:
         raise InvalidArgument(f"batch of {count} rows is over the model's max_batch_size {limit}")
     return count

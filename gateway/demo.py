@@ -21,6 +21,7 @@ from rich.table import Table
 from infergate.gateway.config import parse_config
 from infergate.gateway.demo_models import LinearClassifier
 from infergate.gateway.local_redis import LocalRedis
+from infergate.gateway.redaction import redact_url
 from infergate.gateway.server import Gateway, StartupError
 
 SAMPLE_CALLS = 12
@@ -62,7 +63,7 @@ async def run_demo(redis_url: str = "", serve_after: bool = False, port: int = 0
                 console.print("Redis: no URL given and no redis-server installed; running without Redis "
                               "(routes come from the config only, no shared state).")
         else:
-            console.print(f"Redis: using {redis_url}")
+            console.print(f"Redis: using {redact_url(redis_url)}")
         demo = asyncio.ensure_future(_run(console, redis_url, serve_after, port))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({demo, stopped}, return_when=asyncio.FIRST_COMPLETED)

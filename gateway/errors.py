@@ -3,7 +3,7 @@
 Every error that can reach a caller is a ``GatewayError`` subclass that knows its gRPC status code.
 Domain code raises these; backends translate their own failures at the backend edge with
 ``raise ... from exc`` so the cause is kept for logs; the servicers map them to a status in one
-place (``abort_with``). Anything that is not a ``GatewayError`` becomes INTERNAL with a short
+place (``abort_with``), at most ``MAX_MESSAGE_CHARS`` long. Anything that is not a ``GatewayError`` becomes INTERNAL with a short
 message and is logged with its traceback, never sent to the caller.
 
     GatewayError
@@ -25,6 +25,19 @@ from __future__ import annotations
 
 import grpc
 
+MAX_MESSAGE_CHARS = 1024
+"""The longest status message a caller is sent. Messages quote caller input (a model name, an
+input name, a parameter); gRPC carries the message percent-encoded in a trailer that clients cap
+(8 KiB by default), and an oversized trailer turns into a different status. Kept well below."""
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to ``limit`` characters, with a marker saying so."""
+    if len(message) <= limit:
+        return message
+    marker = f"... ({len(message)} characters, cut)"
+    return message[: limit - len(marker)] + marker
+
 
 class GatewayError(Exception):
     """Base of every error the gateway reports to a caller; ``code`` is its gRPC status."""
@@ -32,6 +45,7 @@ class GatewayError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = bounded(message)  # the one place every caller-visible message passes
         super().__init__(message)
         self.message = message
 

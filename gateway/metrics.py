@@ -42,6 +42,8 @@ BREAKER_OPEN = Gauge("infergate_breaker_open", "1 while a backend's circuit brea
 FALLBACKS = Counter("infergate_fallbacks", "Calls served by a fallback variant", ["model", "variant", "fallback"])
 CANARY_STATE = Gauge("infergate_canary_percent", "Candidate weight set by the canary controller", ["model", "variant"])
 AUTH_REJECTIONS = Counter("infergate_auth_rejections", "Calls refused by auth or tenant rate limits", ["reason"])
+INFLIGHT_REQUEST_BYTES = Gauge("infergate_inflight_request_bytes", "Wire bytes of the requests being served")
+MEMORY_REFUSALS = Counter("infergate_memory_refusals", "Requests refused because the in-flight byte budget was full")
 
 
 def serve_metrics(listen: str) -> int:

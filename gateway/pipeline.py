@@ -82,7 +82,7 @@ class Variant:
         name: str,
         backend: Backend,
         target: str,
-        signature: ModelSignature,
+        signature: ModelSignature | None,
         fallback: str = "",
         breaker: CircuitBreaker | None = None,
     ) -> None:
@@ -91,6 +91,7 @@ class Variant:
         self.backend = backend
         self.target = target
         self.signature = signature
+        """None only for a stand-in whose backend was unreachable at start (never ready)."""
         self.fallback = fallback
         self.breaker = breaker
         self.ready = True
@@ -122,18 +123,26 @@ class ModelEndpoint:
     name: str
     config: ModelRouteConfig
     variants: dict[str, Variant]
-    signature: ModelSignature
+    signature: ModelSignature | None
     """The signature requests are validated against: the baseline variant's (with the entity input
-    in place of the feature input when the model has online features)."""
+    in place of the feature input when the model has online features); None while no variant could
+    be loaded (its backend unreachable since start: calls get UNAVAILABLE until one loads)."""
     stats: "ModelStats" = field(default_factory=lambda: ModelStats())
     feature_store: "FeatureStore | None" = None
     """Where this model's online features come from (None when it has none)."""
 
     @property
     def max_batch_size(self) -> int:
+        """Rows one call may carry (0: no limit); a model with online features at most
+        ``features.max_entities`` (each row is one Redis read)."""
         if self.config.batching is not None:
-            return self.config.batching.max_batch_size
-        return self.signature.max_batch_size
+            limit = self.config.batching.max_batch_size
+        else:
+            limit = self.signature.max_batch_size if self.signature is not None else 0
+        if self.config.features is not None:
+            entities = self.config.features.max_entities
+            limit = min(limit, entities) if limit else entities
+        return limit
 
 
 @dataclass

@@ -96,7 +96,7 @@ class Routing:
         if self.store is not None:
             await self.store.stop()
 
-    def add_admin(self, server: grpc.aio.Server, pipeline: Pipeline) -> str:
+    def add_admin(self, server, pipeline: Pipeline) -> str:
         """Register the RoutingAdmin servicer; returns its service name for reflection."""
         from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc
         from infergate.gateway.admin import SERVICE_NAME, RoutingAdminServicer

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 # Reflection resolves the inference service through the default descriptor pool, where
 # tritonclient registers the same (wire-identical) definitions; see gateway/_proto/pool.py.
@@ -32,47 +32,27 @@ from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from infergate.gateway.auth import AuthSetupError, Authenticator
 from infergate.gateway.config import GatewayConfig, ModelRouteConfig
-from infergate.gateway.errors import GatewayError
+from infergate.gateway.errors import BackendUnavailable, GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
+from infergate.gateway.admission import MemoryBudget
+from infergate.gateway.open_services import BudgetedReflectionServicer, DrainingHealthServicer, OpenStreamBudget
+from infergate.gateway.wire import DecodingRegistry
 from infergate.router.batcher import Batcher
 from infergate.gateway.routing import Routing
 from infergate.router.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_MIN_S = 1.0
+"""The least time ``server.stop`` gives calls in progress; they are refusals or ending streams by then."""
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class StartupError(Exception):
     """The gateway cannot start with this config and these backends (exit code 1)."""
-
-
-class DrainingHealthServicer(health.aio.HealthServicer):
-    """grpc's asyncio health servicer, except that a Watch stream ends once shutdown has begun.
-
-    By then the watcher has been sent NOT_SERVING; left open (gRPC client-side health checking keeps
-    one per connection), its stream would hold ``server.stop(grace)`` for the whole grace period.
-    The loop is the base class's, with the exit added; it uses the base's state attributes.
-    """
-
-    async def Watch(self, request, context):
-        condition = self._server_watchers[request.service]
-        last_status = None
-        try:
-            async with condition:
-                while True:
-                    status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-                    if status != last_status:
-                        await context.write(health_pb2.HealthCheckResponse(status=status))
-                    last_status = status
-                    if self._gracefully_shutting_down:
-                        return
-                    await condition.wait()
-        finally:
-            self._server_watchers.pop(request.service, None)
 
 
 def build_backend(name: str, config, clock: Callable[[], float] = time.monotonic) -> Backend:
@@ -103,6 +83,10 @@ class Gateway:
         """The same backends behind their breaker, in-flight limit and retries; variants call these."""
         self._batchers: list[Batcher] = []
         self._pollers: list[ReadinessPoller] = []
+        self._late_loads: set[asyncio.Task] = set()
+        """Variants whose backend was unreachable at start, being loaded once it answers."""
+        self._reference: dict[str, Variant] = {}
+        """Per model, the variant whose signature the model serves (the others must be compatible)."""
         self.routes = RouteTable()
         self.routing: Routing | None = None
         """Selector, Redis route store, canary controllers and shadow copies (created in start)."""
@@ -167,22 +151,86 @@ class Gateway:
         return self.tracing.tracer if self.tracing.enabled else None
 
     async def _load_model(self, model_name: str, model_config: ModelRouteConfig) -> ModelEndpoint:
+        """Build every variant. One whose backend cannot be reached now (a Triton that is down) does
+        not stop the start: it stands in unavailable (its fallback serves; UNAVAILABLE without one)
+        and is built again, complete, once its backend is reachable (``_load_when_reachable``)."""
         variants: dict[str, Variant] = {}
+        unreachable: list[str] = []
         for name, variant_config in model_config.variants.items():
-            variants[name] = await self._build_variant(model_name, name, model_config)
+            try:
+                variants[name] = await self._build_variant(model_name, name, model_config)
+            except BackendUnavailable as exc:
+                resilient_backend = self.resilient[variant_config.backend]
+                log.warning("models.%s.variants.%s: backend %s not reachable (%s); serving without it until it is",
+                            model_name, name, resilient_backend.name, exc.message)
+                variants[name] = _unreachable_variant(model_name, name, variant_config, resilient_backend)
+                unreachable.append(name)
+        loaded = [v for v in variants.values() if v.signature is not None]
+        # The baseline's signature, else (its backend is down) the first loaded variant's.
         baseline = variants[model_config.baseline]
-        for name, variant in variants.items():
-            _check_compatible(model_name, model_config.baseline, baseline.signature, name, variant.signature)
-        signature = baseline.signature
-        feature_store = None
+        reference = baseline if baseline.signature is not None else (loaded or [None])[0]
+        for variant in loaded:
+            assert reference is not None and reference.signature is not None
+            _check_compatible(model_name, reference.name, reference.signature, variant.name, variant.signature)
+        feature_store = self.feature_store if model_config.features is not None else None
+        endpoint = ModelEndpoint(model_name, model_config, variants, None, feature_store=feature_store)  # type: ignore[arg-type]
+        if reference is not None:
+            self._learn_signature(endpoint, reference)
+        for name in unreachable:
+            task = asyncio.create_task(self._load_when_reachable(endpoint, name), name=f"load-{model_name}-{name}")
+            self._late_loads.add(task)
+            task.add_done_callback(self._late_loads.discard)
+        return endpoint
+
+    def _learn_signature(self, endpoint: ModelEndpoint, reference: Variant) -> None:
+        """Give ``endpoint`` the signature callers see, from ``reference``'s (features added)."""
+        model_config = endpoint.config
+        signature = reference.signature
+        assert signature is not None
         if model_config.features is not None:
             view = self.config.feature_views[model_config.features.view]
             try:
                 signature = gateway_signature(signature, model_config.features, view.dim)
             except ValueError as exc:
-                raise StartupError(f"models.{model_name}.features: {exc}") from exc
-            feature_store = self.feature_store
-        return ModelEndpoint(model_name, model_config, variants, signature, feature_store=feature_store)
+                raise StartupError(f"models.{endpoint.name}.features: {exc}") from exc
+        self._reference[endpoint.name] = reference
+        endpoint.signature = signature
+
+    async def _load_when_reachable(self, endpoint: ModelEndpoint, name: str) -> None:
+        """Try to build variant ``name`` every ``readiness_poll_s`` until its backend answers; then
+        check it against the signature the model serves (or learn that signature from it) and put
+        it in place of its unavailable stand-in."""
+        variant_config = endpoint.config.variants[name]
+        interval_s = self.config.backends[variant_config.backend].readiness_poll_s
+        reported = ""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                variant = await self._build_variant(endpoint.name, name, endpoint.config)
+                break
+            except BackendUnavailable:
+                continue
+            except (GatewayError, StartupError) as exc:  # e.g. Triton answers but is still loading its models
+                message = getattr(exc, "message", str(exc))
+                if message != reported:
+                    log.warning("models.%s.variants.%s: backend answers but the model does not load yet (%s); retrying",
+                                endpoint.name, name, message)
+                    reported = message
+        reference = self._reference.get(endpoint.name)
+        try:
+            if reference is None:
+                self._learn_signature(endpoint, variant)
+            else:
+                assert reference.signature is not None
+                _check_compatible(endpoint.name, reference.name, reference.signature, variant.name, variant.signature)
+        except StartupError as exc:
+            log.error("%s; the variant stays unavailable", exc)
+            return
+        endpoint.variants[name] = variant
+        log.warning("models.%s.variants.%s: backend %s reachable, variant loaded and serving",
+                    endpoint.name, name, variant_config.backend)
+        if self._health is not None and self._ready:
+            await self._health.set(endpoint.name, health_pb2.HealthCheckResponse.SERVING)
 
     async def _build_variant(self, model_name: str, name: str, model_config: ModelRouteConfig) -> Variant:
         """One variant, complete: its stack (``Batcher(ResilientBackend(...))`` when the model
@@ -193,6 +241,8 @@ class Gateway:
         target = str(variant_config.path) if backend_config.kind == "onnx" else variant_config.model
         try:
             signature = await resilient_backend.load(target)
+        except BackendUnavailable:
+            raise  # the caller decides: stand in for the variant and build it when reachable
         except GatewayError as exc:
             raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
         stack: Backend = resilient_backend
@@ -241,15 +291,23 @@ class Gateway:
             maximum_concurrent_rpcs=self.config.server.max_concurrent_rpcs,
         )
         assert self.pipeline is not None
+        memory = MemoryBudget(self.config.server.max_inflight_request_bytes)
+        limiter = self.auth.limiter if self.auth is not None else None
         self._servicer = InferenceServicer(
-            self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing
+            self.pipeline, self.config.server.default_deadline_ms, lambda: self._ready, self.tracing,
+            # each message of a stream is charged to its tenant, not only the stream's opening
+            admit_message=(lambda identity: limiter.allow(identity.tenant)) if limiter is not None else None,
+            memory=memory,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
-        self._health = DrainingHealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # A message that does not parse: INVALID_ARGUMENT on every RPC; unary requests admitted by size.
+        registry = DecodingRegistry(server, memory)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, registry)
+        open_streams = OpenStreamBudget.from_config(self.config.server)  # Watch and reflection need no token
+        self._health = DrainingHealthServicer(open_streams)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, registry)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        services.extend(self.extra_services(server))
-        reflection.enable_server_reflection(services, server)
+        services.extend(self.extra_services(registry))
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(BudgetedReflectionServicer(services, open_streams), registry)
         listen = self.config.server.listen
         tls = self.config.server.tls
         if tls is not None:
@@ -270,7 +328,7 @@ class Gateway:
         await server.start()
         self._server = server
 
-    def extra_services(self, server: grpc.aio.Server) -> list[str]:
+    def extra_services(self, server: DecodingRegistry) -> list[str]:
         """Hook for more services on the same server; returns their full names for reflection."""
         assert self.pipeline is not None and self.routing is not None
         return [self.routing.add_admin(server, self.pipeline)]
@@ -281,8 +339,10 @@ class Gateway:
         await self._health.set("", status)
         await self._health.set(INFERENCE_SERVICE, status)
         if self.pipeline is not None:
-            for model in self.pipeline.endpoints:
-                await self._health.set(model, status)
+            for model, endpoint in self.pipeline.endpoints.items():
+                served = endpoint.signature is not None and any(v.available() for v in endpoint.variants.values())
+                # A model none of whose variants could be loaded yet is not serving, honestly.
+                await self._health.set(model, status if served else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within the grace period, close backends."""
@@ -298,8 +358,10 @@ class Gateway:
             # off calls it had received but not yet handed to the servicer (clients see CANCELLED).
             drain_started = time.monotonic()
             if self._servicer is not None:
-                await self._servicer.drain(grace)
-            await self._server.stop(max(0.0, grace - (time.monotonic() - drain_started)))
+                await self._servicer.drain(grace, self.config.server.drain_notice_s)
+            # At least STOP_GRACE_MIN_S: calls the server took in during the last moments of the drain
+            # (refused at once, or WatchRoutes/Watch ending) are answered, never cut off as CANCELLED.
+            await self._server.stop(max(STOP_GRACE_MIN_S, grace - (time.monotonic() - drain_started)))
             self._server = None
         self.tracing.shutdown()
         if self.routing is not None:  # before backends close: shadow copies use them
@@ -308,6 +370,9 @@ class Gateway:
             await self.auth.close()
         if self.feature_store is not None:
             await self.feature_store.close()
+        for task in list(self._late_loads):
+            task.cancel()
+        await asyncio.gather(*self._late_loads, return_exceptions=True)
         for poller in self._pollers:
             await poller.stop()
         for batcher in self._batchers:  # in-flight calls are done: nothing is waiting on these
@@ -323,6 +388,14 @@ class Gateway:
     async def wait_stopped(self) -> None:
         assert self._stopped is not None
         await self._stopped.wait()
+
+
+def _unreachable_variant(model: str, name: str, config, backend: ResilientBackend) -> Variant:
+    """The stand-in for a variant whose backend could not be reached at start: never available."""
+    target = str(config.path) if backend.kind == "onnx" else config.model
+    variant = Variant(model, name, backend, target, None, config.fallback, backend.breaker)
+    variant.ready = False
+    return variant
 
 
 def _check_compatible(

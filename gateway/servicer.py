@@ -24,8 +24,10 @@ from infergate.gateway.converters import (
     encode_model_config,
     encode_model_metadata,
 )
+from infergate.gateway.admission import MemoryBudget
 from infergate.gateway.errors import (
     DeadlineExceeded,
+    ResourceExhausted,
     GatewayError,
     Internal,
     NotFound,
@@ -34,7 +36,7 @@ from infergate.gateway.errors import (
     Unimplemented,
 )
 from infergate.gateway.config import TelemetryConfig
-from infergate.gateway.identity import auth_window_ns, current_identity
+from infergate.gateway.identity import Identity, auth_window_ns, current_identity
 from infergate.gateway.telemetry import (
     AUTH_SPAN,
     RPC_ATTRIBUTES,
@@ -48,14 +50,14 @@ from infergate.gateway.pipeline import CallContext, ModelEndpoint, Pipeline
 
 log = logging.getLogger(__name__)
 
+RATE_LIMITED_MESSAGE = "tenant over its request rate"
+
 STREAM_MAX_IN_FLIGHT = 256
 """Requests of one stream processed at once; the stream reader waits beyond it."""
 DRAIN_QUIET_S = 0.5
-"""On shutdown, the quiet time (no call finished or refused) the drain waits for before the server stops.
-
-A caller answered during the drain that sends its next call within this time hears UNAVAILABLE from
-the servicer; one that sends it later, after the server has begun to stop, can meet a transport
-race. 0.5 s leaves room for a busy client on a loaded machine and delays an idle stop not at all."""
+"""On shutdown, the notice period ends early once no call has finished or been refused for this long."""
+_DRAINED = object()
+"""Put on an open stream's answer queue when the drain is over: the stream ends UNAVAILABLE."""
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -85,40 +87,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         default_deadline_ms: int,
         is_ready: Callable[[], bool],
         tracing: Tracing | None = None,
+        admit_message: Callable[[Identity], bool] | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
+        """``admit_message(identity)``: whether a stream's next message is within its tenant's rate."""
         self._pipeline = pipeline
+        self._admit_message = admit_message
+        self._memory = memory
         self._tracing = tracing or Tracing(TelemetryConfig())
         self._default_deadline_s = default_deadline_ms / 1000
         self._is_ready = is_ready
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # created by drain(), inside the loop
+        self._streams: set[asyncio.Queue] = set()
+        """The answer queues of the open ModelStreamInfer calls (the drain ends them)."""
         self._last_activity = float("-inf")
         """When an inference call last finished or was refused (time.monotonic)."""
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until no inference call is in progress and callers have gone quiet (at most
-        ``timeout_s``); True when no call was left in progress.
+    async def drain(self, timeout_s: float, notice_s: float = 0.0) -> bool:
+        """Wait for in-flight inference to finish (at most ``timeout_s``), then a notice period,
+        then end the open streams with UNAVAILABLE; True when no call was left in progress.
 
         The caller has made ``is_ready`` false first, so new calls are already refused with
-        UNAVAILABLE by this servicer while the server still accepts them. Stopping the server cuts
-        off calls it has received but not yet handed to a servicer (their callers see CANCELLED), so
-        the drain also waits until ``DRAIN_QUIET_S`` have passed since a call last finished or was
-        refused: callers that answer a finished call with a new one hear UNAVAILABLE from here.
+        UNAVAILABLE here while the server still accepts them. The notice period lets load
+        balancers see NOT_SERVING and move away: at most ``notice_s`` (never past ``timeout_s``),
+        and over as soon as callers have been quiet for ``DRAIN_QUIET_S``. It is bounded: refused
+        calls do not extend it, so a replica under steady traffic exits promptly too.
         """
         deadline = time.monotonic() + timeout_s
+        drained = True
         if self._in_flight:
             self._idle = asyncio.Event()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
             except TimeoutError:
                 log.warning("%d inference call(s) still in progress after %.1fs of drain", self._in_flight, timeout_s)
-                return False
-        while True:
+                drained = False
+        notice_end = min(deadline, time.monotonic() + notice_s)
+        while drained:
             now = time.monotonic()
             quiet_s = now - self._last_activity
-            if quiet_s >= DRAIN_QUIET_S or now >= deadline:
-                return True
-            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_s, deadline - now))
+            if quiet_s >= DRAIN_QUIET_S or now >= notice_end:
+                break
+            await asyncio.sleep(min(DRAIN_QUIET_S - quiet_s, notice_end - now))
+        for answers in self._streams:
+            answers.put_nowait(_DRAINED)
+        return drained
 
     # -- health and metadata -------------------------------------------------------------------
 
@@ -130,7 +144,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async with status_boundary(context):
-            endpoint = self._endpoint(request.name, request.version)
+            endpoint = self._endpoint(request.name, request.version, loaded=False)
             return pb.ModelReadyResponse(ready=self._is_ready() and await self._any_variant_ready(endpoint))
 
     async def ServerMetadata(self, request, context):
@@ -190,48 +204,89 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(code, message)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """One response per request, in completion order; errors travel as ``error_message``."""
+        """One response per request, in completion order; errors travel as ``error_message``.
+
+        Backpressure: a request holds one of ``STREAM_MAX_IN_FLIGHT`` slots from being read until
+        its answer has been handed to grpc, so a client that sends without reading stops being
+        read (HTTP/2 flow control then holds it) instead of growing a queue of answers. Each
+        message after the first is charged to the tenant's rate (``admit_message``; opening the
+        stream charged the first). A message that cannot be decoded, or any failure of the reader,
+        ends the stream with its status.
+        """
         responses: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        identity = current_identity.get()
 
-        async def answer(request) -> None:
+        async def answer(request, reserved: int) -> None:
             try:
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                _code, message = to_status(exc)
-                response = pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
-                )
-            finally:
-                slots.release()
-            await responses.put(response)
+                response = error_response(request, to_status(exc)[1])
+            responses.put_nowait((response, reserved))
+
+        def error_response(request, message: str) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+            )
+
+        held = 0  # bytes of this stream's requests in the memory budget, given back as answers are written
 
         async def read() -> None:
+            nonlocal held
+            first = True
             async for request in request_iterator:
                 await slots.acquire()
-                task = asyncio.create_task(answer(request))
+                if not first and self._admit_message is not None and not self._admit_message(identity):
+                    responses.put_nowait((error_response(request, RATE_LIMITED_MESSAGE), 0))
+                    continue
+                first = False
+                reserved = 0
+                if self._memory is not None:  # held until the answer is written
+                    size = request.ByteSize()
+                    try:
+                        self._memory.reserve(size)
+                    except ResourceExhausted as exc:
+                        responses.put_nowait((error_response(request, exc.message), 0))
+                        continue
+                    reserved = size
+                    held += size
+                task = asyncio.create_task(answer(request, reserved))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            await responses.put(None)
 
         reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _task: responses.put_nowait(None))
+        self._streams.add(responses)
         try:
-            while True:
-                response = await responses.get()
-                if response is None:
-                    break
-                yield response
-            await reader
+            async with status_boundary(context):
+                while True:
+                    response = await responses.get()
+                    if response is None:
+                        break
+                    if response is _DRAINED:
+                        raise Unavailable("the gateway is shutting down; open the stream on another replica")
+                    response, reserved = response
+                    try:
+                        yield response
+                    finally:
+                        slots.release()
+                        if reserved:
+                            self._memory.release(reserved)
+                            held -= reserved
+                await reader  # re-raises a reader failure (a malformed message has already aborted the call)
         finally:
+            self._streams.discard(responses)
             for task in (reader, *tasks):
                 task.cancel()
             await asyncio.gather(reader, *tasks, return_exceptions=True)
+            if held:  # answers never written (the caller left): their requests leave the budget too
+                self._memory.release(held)
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         """One inference request (unary, or one of a stream): counted for the drain, traced when on."""
@@ -297,7 +352,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _endpoint(self, model: str, version: str = "") -> ModelEndpoint:
+    def _endpoint(self, model: str, version: str = "", loaded: bool = True) -> ModelEndpoint:
+        """The model's endpoint; with ``loaded``, UNAVAILABLE while none of its variants could be loaded."""
         # Checked before the lookup: without `infer:*` an unknown model looks forbidden, so names
         # cannot be probed. This also covers an `x-infergate-variant` pin, which needs `infer:<model>`.
         if not current_identity.get().may_infer(model):
@@ -305,6 +361,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         endpoint = self._pipeline.endpoint(model)
         if version not in ("", "1"):
             raise NotFound(f"model {model!r} has no version {version!r}; the gateway serves version 1")
+        if loaded and endpoint.signature is None:  # no variant's backend has been reachable since start
+            raise Unavailable(f"model {model!r}: no backend of it is reachable yet")
         return endpoint
 
     async def _any_variant_ready(self, endpoint: ModelEndpoint) -> bool:

@@ -30,6 +30,7 @@ from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from infergate.gateway.config import TelemetryConfig
+from infergate.gateway.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Tracing:
         provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=500))
         self._provider = provider
         self.tracer = provider.get_tracer("infergate")
-        log.info("exporting traces to %s", endpoint)
+        log.info("exporting traces to %s", redact_url(endpoint))
 
     def shutdown(self) -> None:
         provider, self._provider = self._provider, None

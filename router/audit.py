@@ -23,6 +23,28 @@ AUDIT_STREAM_PREFIX = "infergate:audit:"
 MAX_ENTRIES = 10000
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
+MAX_FIELD_CHARS = 2048
+"""The longest field an audit read returns (a reason is at most 1024 characters since writes are bounded)."""
+
+# XREVRANGE with every field value cut to at most ARGV[2] bytes (on a character boundary) inside Redis, so no reply can be too big.
+_LUA_READ = """
+local rows = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', tonumber(ARGV[1]))
+local cap = tonumber(ARGV[2])
+for _, row in ipairs(rows) do
+  local fields = row[2]
+  for i = 2, #fields, 2 do
+    local value = fields[i]
+    if #value > cap then
+      local cut = cap
+      while cut > 0 and string.byte(value, cut + 1) >= 128 and string.byte(value, cut + 1) < 192 do
+        cut = cut - 1  -- never split a UTF-8 character: the reply is decoded as text
+      end
+      fields[i] = string.sub(value, 1, cut)
+    end
+  end
+end
+return rows
+"""
 
 
 def audit_key(model: str) -> str:
@@ -50,20 +72,30 @@ class AuditRecord:
         return cls(
             id=entry_id,
             model=fields.get("model", ""),
-            time_unix_s=float(fields.get("time", 0) or 0),
+            time_unix_s=_number(fields.get("time"), float),
             subject=fields.get("subject", ""),
             action=fields.get("action", ""),
             old_weights=_weights(fields.get("old")),
             new_weights=_weights(fields.get("new")),
             reason=fields.get("reason", ""),
-            revision=int(fields.get("revision", 0) or 0),
+            revision=_number(fields.get("revision"), int),
         )
 
 
 def _weights(text: str | None) -> dict[str, int]:
-    if not text:
+    """Weights from their JSON text; ``{}`` for anything else (an entry must never make the log unreadable)."""
+    try:
+        parsed = json.loads(text) if text else {}
+        return {str(name): int(weight) for name, weight in parsed.items()}
+    except (ValueError, TypeError, AttributeError):
         return {}
-    return {str(name): int(weight) for name, weight in json.loads(text).items()}
+
+
+def _number(text: str | None, kind: type) -> float | int:
+    try:
+        return kind(text or 0)
+    except (ValueError, TypeError):
+        return kind(0)
 
 
 class AuditLog:
@@ -73,12 +105,18 @@ class AuditLog:
         self._client = client
 
     async def entries(self, models: Iterable[str], limit: int = DEFAULT_LIMIT) -> list[AuditRecord]:
-        """The newest ``limit`` entries of ``models``, newest first (raises Redis errors as they come)."""
+        """The newest ``limit`` entries of ``models``, newest first (raises Redis errors as they come).
+
+        Always readable, whatever was stored: Redis cuts every field to ``MAX_FIELD_CHARS`` before
+        it replies (an entry written before inputs were bounded may hold megabytes), and a field
+        that does not decode reads as empty.
+        """
         limit = min(limit or DEFAULT_LIMIT, MAX_LIMIT)
+        read = self._client.register_script(_LUA_READ)
         per_model = []
         for model in models:
-            rows = await self._client.xrevrange(audit_key(model), count=limit)
-            per_model.append([AuditRecord.from_fields(entry_id, fields) for entry_id, fields in rows])
+            rows = await read(keys=[audit_key(model)], args=[limit, MAX_FIELD_CHARS])
+            per_model.append([AuditRecord.from_fields(entry_id, dict(zip(flat[::2], flat[1::2]))) for entry_id, flat in rows])
         merged = heapq.merge(*per_model, key=_order_key, reverse=True)
         return list(merged)[:limit]
 

@@ -32,7 +32,11 @@ audited like an SRE's. A route change the controller did not make (an SRE's ``ca
 ``rolled_back`` when it has none, ``idle`` otherwise; the reason names who changed it.
 
 Run state lives in Redis (``infergate:canary:<model>``) so that a new leader carries on where the
-old one stopped; ``CanaryController.status`` reads it for the admin API.
+old one stopped; ``CanaryController.status`` reads it for the admin API. Every replica also keeps
+the last run state it read: when Redis loses its data (restarted empty, flushed, failed over to an
+empty replica) the leader writes that copy back instead of starting the run again, so a promoted or
+rolled-back canary stays finished and the route the replicas serve (restored by the route store
+from its own copy) is not stepped back to the first step.
 """
 
 from __future__ import annotations
@@ -221,6 +225,8 @@ class CanaryController:
         self._task: asyncio.Task | None = None
         self._outage_logged = False
         self._scripts: dict[str, tuple[object, object]] = {}
+        self._known: CanaryState | None = None
+        """The last run state read from or written to Redis: restored from here if Redis loses it."""
 
     @property
     def is_leader(self) -> bool:
@@ -337,10 +343,16 @@ class CanaryController:
 
     async def _read_state(self) -> CanaryState | None:
         fields = await self._store.client.hgetall(state_key(self.model))
-        return CanaryState.from_fields(fields) if fields else None
+        if not fields:
+            return None
+        state = CanaryState.from_fields(fields)
+        if state.fingerprint == self.fingerprint:
+            self._known = state
+        return state
 
     async def _write_state(self, state: CanaryState) -> None:
         await self._store.client.hset(state_key(self.model), mapping=state.to_fields())
+        self._known = state
         metrics.CANARY_STATE.labels(self.model, state.candidate).set(state.current_percent)
 
     def _window(self) -> int:
@@ -349,6 +361,12 @@ class CanaryController:
     async def _drive(self) -> None:
         state = await self._read_state()
         route = await self._store.read_route(self.model)
+        if state is None and self._known is not None:
+            # Redis lost the run (it came back empty): carry on from this replica's copy, never from step one.
+            state = self._known
+            await self._write_state(state)
+            log.warning("canary %s: run state missing in Redis; restored this replica's copy (%s at %d%%)",
+                        self.model, state.state, state.current_percent)
         if state is None or state.fingerprint != self.fingerprint:
             await self._begin(route)
             return

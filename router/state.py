@@ -49,6 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infergate.gateway.config import ModelRouteConfig
 from infergate.gateway.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+from infergate.gateway.redaction import redact_url
 from infergate.router.audit import MAX_ENTRIES, AuditLog, AuditRecord, audit_key
 from infergate.router.table import Route, RouteTable, check_weights
 
@@ -57,6 +58,11 @@ log = logging.getLogger(__name__)
 ROUTE_KEY_PREFIX = "infergate:route:"
 CHANGES_CHANNEL = "infergate:routes"
 CONFIG_SUBJECT = "config"
+CHANGE_KEY_PREFIX = "infergate:change:"
+CHANGE_KEY_TTL_S = 24 * 3600
+"""How long a change's idempotency key is remembered: retries come within seconds, a day is ample."""
+MAX_REASON_CHARS = 1024
+MAX_REQUEST_ID_CHARS = 128
 
 RouteListener = Callable[[Route, "AuditRecord | None"], None]
 """Called after a route is installed, with the change record when one is known."""
@@ -77,8 +83,13 @@ end
 """
 
 _LUA_CHANGE = _LUA_WRITE + """
--- ARGV: expected_revision (0: no check), floor_revision, variant_set, variants, weights, now,
---       subject, action, reason, model, channel, maxlen
+-- KEYS[3]: this change's idempotency key. ARGV: expected_revision (0: no check), floor_revision,
+--       variant_set, variants, weights, now, subject, action, reason, model, channel, maxlen, key_ttl_s
+local done = redis.call('GET', KEYS[3])
+if done then  -- a retry of a change already made (by a client, or by the Redis client's own retry)
+  local first = cjson.decode(done)
+  return {'replay', first[1], first[2]}
+end
 local stored_set = redis.call('HGET', KEYS[1], 'variant_set')
 local rev = tonumber(redis.call('HGET', KEYS[1], 'revision') or ARGV[2])
 if stored_set and stored_set ~= ARGV[3] then
@@ -91,6 +102,7 @@ end
 local old = redis.call('HGET', KEYS[1], 'weights') or '{}'
 local id = write(rev + 1, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10],
                  ARGV[11], ARGV[12], old)
+redis.call('SET', KEYS[3], cjson.encode({tostring(rev + 1), id}), 'EX', tonumber(ARGV[13]))
 return {'ok', tostring(rev + 1), id}
 """
 
@@ -121,6 +133,19 @@ return redis.call('HGETALL', KEYS[1])
 
 def route_key(model: str) -> str:
     return ROUTE_KEY_PREFIX + model
+
+
+def change_key(model: str, request_id: str) -> str:
+    """Where the result of the change with idempotency key ``request_id`` is kept (``CHANGE_KEY_TTL_S``)."""
+    return f"{CHANGE_KEY_PREFIX}{model}:{request_id}"
+
+
+def check_change_inputs(reason: str, request_id: str) -> None:
+    """Admin inputs are bounded: what goes into Redis, the audit log and every replica's pubsub."""
+    if len(reason) > MAX_REASON_CHARS:
+        raise InvalidArgument(f"reason is {len(reason)} characters; at most {MAX_REASON_CHARS}")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
 
 
 def default_replica_id() -> str:
@@ -195,7 +220,9 @@ class RouteStore:
         try:
             await asyncio.wait_for(self._synced.wait(), first_sync_timeout_s)
         except asyncio.TimeoutError:
-            log.warning("route store at %s not reachable at start; serving the config's weights until it is", self._url)
+            log.warning(
+                "route store at %s not reachable at start; serving the config's weights until it is", redact_url(self._url)
+            )
             return False
         return True
 
@@ -239,13 +266,19 @@ class RouteStore:
         reason: str = "",
         expected_revision: int = 0,
         action: str = "set_weights",
+        request_id: str = "",
     ) -> Route:
         """Replace ``model``'s weights (missing variants get 0); the new route, installed here too.
 
-        Raises NotFound (model), InvalidArgument (unknown variant, out of range, all zero),
-        Aborted (``expected_revision`` is set and stale), Unavailable (Redis down).
+        Exactly once per ``request_id``: a second call with the same key changes nothing and returns
+        the route as it is. Without one, the call gets its own key, so the Redis client's retry of
+        a script whose reply was lost does not change the route twice.
+
+        Raises NotFound (model), InvalidArgument (unknown variant, out of range, all zero, inputs
+        over their bounds), Aborted (``expected_revision`` is set and stale), Unavailable (Redis down).
         """
         current = self.local_route(model)
+        check_change_inputs(reason, request_id)
         check_weights(current.variants, weights)
         full = {name: int(weights.get(name, 0)) for name in current.variants}
         self.require_connected("change routes")
@@ -253,9 +286,14 @@ class RouteStore:
         args = [
             int(expected_revision), current.revision, _variant_set(variants), json.dumps(list(variants)),
             json.dumps(full), repr(self._wall_clock()), subject, action, reason, model, CHANGES_CHANNEL, MAX_ENTRIES,
+            CHANGE_KEY_TTL_S,
         ]
+        keys = [route_key(model), audit_key(model), change_key(model, request_id or uuid.uuid4().hex)]
         with redis_errors(f"change route of {model!r}"):
-            status, revision, detail = await self._script(_LUA_CHANGE)(keys=[route_key(model), audit_key(model)], args=args)
+            status, revision, detail = await self._script(_LUA_CHANGE)(keys=keys, args=args)
+        if status == "replay":
+            log.info("route change %s of %s was already made (revision %s); not made again", request_id, model, revision)
+            return self.local_route(model)
         if status == "stale":
             raise Aborted(f"route of {model!r} is at revision {revision}, not {expected_revision}; re-read and retry")
         if status == "conflict":
@@ -268,17 +306,18 @@ class RouteStore:
         return route
 
     async def promote(self, model: str, variant: str, subject: str, reason: str = "", action: str = "promote",
-                      expected_revision: int = 0) -> Route:
+                      expected_revision: int = 0, request_id: str = "") -> Route:
         """``variant`` to 100, every other variant to 0."""
         current = self.local_route(model)
         if variant not in current.variants:
             raise InvalidArgument(f"model {model!r} has no variant {variant!r}; it has {list(current.variants)}")
-        return await self.set_weights(model, {variant: 100}, subject, reason, expected_revision, action)
+        return await self.set_weights(model, {variant: 100}, subject, reason, expected_revision, action, request_id)
 
     async def rollback(self, model: str, subject: str, reason: str = "", action: str = "rollback",
-                       expected_revision: int = 0) -> Route:
+                       expected_revision: int = 0, request_id: str = "") -> Route:
         """Back to the baseline (the first variant in config) at 100."""
-        return await self.promote(model, self.local_route(model).baseline, subject, reason, action, expected_revision)
+        return await self.promote(model, self.local_route(model).baseline, subject, reason, action, expected_revision,
+                                  request_id)
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from infergate.gateway.redaction import add_secret
+
 log = logging.getLogger(__name__)
 
 MIN_HS256_SECRET_BYTES = 32
@@ -128,12 +130,25 @@ def parse_jwks(document: bytes, allowed: frozenset[str]) -> KeySet:
     return KeySet.of(keys)
 
 
+JWK_TEXT_MEMBERS = ("kty", "kid", "use", "alg", "crv", "n", "e", "x", "y", "d", "k")
+"""JWK members (RFC 7517/7518) that are strings; a key with any other type in one is skipped."""
+
+
 def _verification_key(entry: Any, allowed: frozenset[str]) -> VerificationKey | None:
+    """The key of one JWKS entry, or None (with a warning) when it is malformed or unusable.
+
+    A JWKS comes from outside: one bad entry must never stop the gateway or the other keys.
+    """
     if not isinstance(entry, dict):
+        log.warning("JWKS entry that is not an object skipped")
         return None
     kid = entry.get("kid")
     if kid is not None and not isinstance(kid, str):
         log.warning("JWKS key with a non-string kid skipped")
+        return None
+    wrong = [name for name in JWK_TEXT_MEMBERS if name in entry and not isinstance(entry[name], str)]
+    if wrong:
+        log.warning("JWKS key %r skipped: member(s) %s are not strings", kid, ",".join(wrong))
         return None
     if entry.get("use", "sig") != "sig":
         return None
@@ -146,7 +161,7 @@ def _verification_key(entry: Any, allowed: frozenset[str]) -> VerificationKey | 
         return None
     try:
         jwk = PyJWK(entry)
-    except (PyJWTError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # PyJWTError, ValueError, ...: whatever a malformed key raises, skip it
         log.warning("JWKS key %r skipped: %s", kid, type(exc).__name__)
         return None
     if isinstance(jwk.key, rsa.RSAPublicKey) and jwk.key.key_size < MIN_RSA_KEY_BITS:
@@ -223,6 +238,7 @@ class SecretKeySource(KeySource):
                 f"auth.hs256_secret_env: the variable {self._variable} must hold a secret of at least "
                 f"{MIN_HS256_SECRET_BYTES} bytes"
             )
+        add_secret(secret.decode(errors="replace"))  # masked in every log line from now on
         self._install(KeySet.of([VerificationKey(None, frozenset({"HS256"}), secret, "hs256")], any_kid=True))
 
 

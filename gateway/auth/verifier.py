@@ -21,6 +21,7 @@ import enum
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -108,11 +109,13 @@ class TokenVerifier:
         except PyJWTError as exc:
             raise TokenRejected(Reason.MALFORMED_TOKEN) from exc
         algorithm = header.get("alg")
-        if algorithm not in self._algorithms:
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
             raise TokenRejected(Reason.ALGORITHM)
         if "crit" in header or "b64" in header:
             raise TokenRejected(Reason.MALFORMED_TOKEN)
         kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenRejected(Reason.MALFORMED_TOKEN)
         key = self._keys.keys.find(kid, algorithm)
         if key is None:
             key = (await self._keys.refresh_for(kid)).find(kid, algorithm)
@@ -125,8 +128,8 @@ class TokenVerifier:
         except PyJWTError as exc:
             raise TokenRejected(Reason.MALFORMED_TOKEN) from exc
         try:
-            claims = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
+            claims = json.loads(payload, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise TokenRejected(Reason.MALFORMED_TOKEN) from exc
         if not isinstance(claims, dict):
             raise TokenRejected(Reason.MALFORMED_TOKEN)
@@ -181,8 +184,19 @@ class TokenVerifier:
                 del self._cache[digest]
 
 
+MAX_NUMERIC_DATE = 2**53
+"""A NumericDate beyond this (about 285 million years) is not a time: the token is malformed."""
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity: Python's json accepts them
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A NumericDate (RFC 7519 2): a finite JSON number in a sane range (not NaN, inf, 1e400, 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return -MAX_NUMERIC_DATE < value < MAX_NUMERIC_DATE and math.isfinite(value)  # NaN fails both
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -190,8 +204,8 @@ def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
     scopes: set[str] = set()
     for name in SCOPE_CLAIMS:
         value = claims.get(name)
-        if isinstance(value, str):
-            scopes.update(value.split())
+        if isinstance(value, str):  # RFC 6749 3.3: scopes are separated by ASCII space (0x20) only
+            scopes.update(item for item in value.split(" ") if item)
         elif isinstance(value, list):
             scopes.update(item for item in value if isinstance(item, str) and item)
     return frozenset(scopes)

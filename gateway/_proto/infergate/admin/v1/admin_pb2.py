@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1einfergate/admin/v1/admin.proto\x12\x12infergate.admin.v1\"_\n\x0cVariantState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\t\"\x93\x01\n\x0c\x43\x61naryStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstep_index\x18\x04 \x01(\r\x12\x17\n\x0f\x63urrent_percent\x18\x05 \x01(\r\x12\x13\n\x0blast_reason\x18\x06 \x01(\t\x12\x0e\n\x06leader\x18\x07 \x01(\t\"\xff\x01\n\x05Route\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08variants\x18\x02 \x03(\x0b\x32 .infergate.admin.v1.VariantState\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x10\n\x08\x62\x61seline\x18\x04 \x01(\t\x12\x16\n\x0eshadow_variant\x18\x05 \x01(\t\x12\x16\n\x0eshadow_percent\x18\x06 \x01(\r\x12\x30\n\x06\x63\x61nary\x18\x07 \x01(\x0b\x32 .infergate.admin.v1.CanaryStatus\x12\x19\n\x11updated_at_unix_s\x18\x08 \x01(\x01\x12\x12\n\nupdated_by\x18\t \x01(\t\"\x13\n\x11ListRoutesRequest\"?\n\x12ListRoutesResponse\x12)\n\x06routes\x18\x01 \x03(\x0b\x32\x19.infergate.admin.v1.Route\" \n\x0fGetRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10GetRouteResponse\x12(\n\x05route\x18\x01 \x01(\x0b\x32\x19.infergate.admin.v1.Route\"\xc2\x01\n\x11SetWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x43\n\x07weights\x18\x02 \x03(\x0b\x32\x32.infergate.admin.v1.SetWeightsRequest.WeightsEntry\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"@\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"0\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x13RouteChangeResponse\x12(\n\x05route\x18\x01 \x01(\x0b\x32\x19.infergate.admin.v1.Route\"\xef\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0btime_unix_s\x18\x02 \x01(\x01\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x43\n\x0bold_weights\x18\x05 \x03(\x0b\x32..infergate.admin.v1.AuditEntry.OldWeightsEntry\x12\x43\n\x0bnew_weights\x18\x06 \x03(\x0b\x32..infergate.admin.v1.AuditEntry.NewWeightsEntry\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08revision\x18\x08 \x01(\x04\x12\r\n\x05model\x18\t \x01(\t\x1a\x31\n\x0fOldWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x31\n\x0fNewWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"2\n\x12GetAuditLogRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"F\n\x13GetAuditLogResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.infergate.admin.v1.AuditEntry\"#\n\x12WatchRoutesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"f\n\nRouteEvent\x12(\n\x05route\x18\x01 \x01(\x0b\x32\x19.infergate.admin.v1.Route\x12.\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1e.infergate.admin.v1.AuditEntry2\x99\x05\n\x0cRoutingAdmin\x12]\n\nListRoutes\x12%.infergate.admin.v1.ListRoutesRequest\x1a&.infergate.admin.v1.ListRoutesResponse\"\x00\x12W\n\x08GetRoute\x12#.infergate.admin.v1.GetRouteRequest\x1a$.infergate.admin.v1.GetRouteResponse\"\x00\x12^\n\nSetWeights\x12%.infergate.admin.v1.SetWeightsRequest\x1a\'.infergate.admin.v1.RouteChangeResponse\"\x00\x12X\n\x07Promote\x12\".infergate.admin.v1.PromoteRequest\x1a\'.infergate.admin.v1.RouteChangeResponse\"\x00\x12Z\n\x08Rollback\x12#.infergate.admin.v1.RollbackRequest\x1a\'.infergate.admin.v1.RouteChangeResponse\"\x00\x12`\n\x0bGetAuditLog\x12&.infergate.admin.v1.GetAuditLogRequest\x1a\'.infergate.admin.v1.GetAuditLogResponse\"\x00\x12Y\n\x0bWatchRoutes\x12&.infergate.admin.v1.WatchRoutesRequest\x1a\x1e.infergate.admin.v1.RouteEvent\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1einfergate/admin/v1/admin.proto\x12\x12infergate.admin.v1\"_\n\x0cVariantState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\t\"\x93\x01\n\x0c\x43\x61naryStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstep_index\x18\x04 \x01(\r\x12\x17\n\x0f\x63urrent_percent\x18\x05 \x01(\r\x12\x13\n\x0blast_reason\x18\x06 \x01(\t\x12\x0e\n\x06leader\x18\x07 \x01(\t\"\xff\x01\n\x05Route\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08variants\x18\x02 \x03(\x0b\x32 .infergate.admin.v1.VariantState\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x10\n\x08\x62\x61seline\x18\x04 \x01(\t\x12\x16\n\x0eshadow_variant\x18\x05 \x01(\t\x12\x16\n\x0eshadow_percent\x18\x06 \x01(\r\x12\x30\n\x06\x63\x61nary\x18\x07 \x01(\x0b\x32 .infergate.admin.v1.CanaryStatus\x12\x19\n\x11updated_at_unix_s\x18\x08 \x01(\x01\x12\x12\n\nupdated_by\x18\t \x01(\t\"\x13\n\x11ListRoutesRequest\"?\n\x12ListRoutesResponse\x12)\n\x06routes\x18\x01 \x03(\x0b\x32\x19.infergate.admin.v1.Route\" \n\x0fGetRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10GetRouteResponse\x12(\n\x05route\x18\x01 \x01(\x0b\x32\x19.infergate.admin.v1.Route\"\xd6\x01\n\x11SetWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x43\n\x07weights\x18\x02 \x03(\x0b\x32\x32.infergate.admin.v1.SetWeightsRequest.WeightsEntry\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"T\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"D\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"?\n\x13RouteChangeResponse\x12(\n\x05route\x18\x01 \x01(\x0b\x32\x19.infergate.admin.v1.Route\"\xef\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0btime_unix_s\x18\x02 \x01(\x01\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x43\n\x0bold_weights\x18\x05 \x03(\x0b\x32..infergate.admin.v1.AuditEntry.OldWeightsEntry\x12\x43\n\x0bnew_weights\x18\x06 \x03(\x0b\x32..infergate.admin.v1.AuditEntry.NewWeightsEntry\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08revision\x18\x08 \x01(\x04\x12\r\n\x05model\x18\t \x01(\t\x1a\x31\n\x0fOldWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x31\n\x0fNewWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"2\n\x12GetAuditLogRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"F\n\x13GetAuditLogResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.infergate.admin.v1.AuditEntry\"#\n\x12WatchRoutesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"f\n\nRouteEvent\x12(\n\x05route\x18\x01 \x01(\x0b\x32\x19.infergate.admin.v1.Route\x12.\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1e.infergate.admin.v1.AuditEntry2\x99\x05\n\x0cRoutingAdmin\x12]\n\nListRoutes\x12%.infergate.admin.v1.ListRoutesRequest\x1a&.infergate.admin.v1.ListRoutesResponse\"\x00\x12W\n\x08GetRoute\x12#.infergate.admin.v1.GetRouteRequest\x1a$.infergate.admin.v1.GetRouteResponse\"\x00\x12^\n\nSetWeights\x12%.infergate.admin.v1.SetWeightsRequest\x1a\'.infergate.admin.v1.RouteChangeResponse\"\x00\x12X\n\x07Promote\x12\".infergate.admin.v1.PromoteRequest\x1a\'.infergate.admin.v1.RouteChangeResponse\"\x00\x12Z\n\x08Rollback\x12#.infergate.admin.v1.RollbackRequest\x1a\'.infergate.admin.v1.RouteChangeResponse\"\x00\x12`\n\x0bGetAuditLog\x12&.infergate.admin.v1.GetAuditLogRequest\x1a\'.infergate.admin.v1.GetAuditLogResponse\"\x00\x12Y\n\x0bWatchRoutes\x12&.infergate.admin.v1.WatchRoutesRequest\x1a\x1e.infergate.admin.v1.RouteEvent\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROUTERESPONSE']._serialized_start=679
   _globals['_GETROUTERESPONSE']._serialized_end=739
   _globals['_SETWEIGHTSREQUEST']._serialized_start=742
-  _globals['_SETWEIGHTSREQUEST']._serialized_end=936
-  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_start=890
-  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_end=936
-  _globals['_PROMOTEREQUEST']._serialized_start=938
-  _globals['_PROMOTEREQUEST']._serialized_end=1002
-  _globals['_ROLLBACKREQUEST']._serialized_start=1004
-  _globals['_ROLLBACKREQUEST']._serialized_end=1052
-  _globals['_ROUTECHANGERESPONSE']._serialized_start=1054
-  _globals['_ROUTECHANGERESPONSE']._serialized_end=1117
-  _globals['_AUDITENTRY']._serialized_start=1120
-  _globals['_AUDITENTRY']._serialized_end=1487
-  _globals['_AUDITENTRY_OLDWEIGHTSENTRY']._serialized_start=1387
-  _globals['_AUDITENTRY_OLDWEIGHTSENTRY']._serialized_end=1436
-  _globals['_AUDITENTRY_NEWWEIGHTSENTRY']._serialized_start=1438
-  _globals['_AUDITENTRY_NEWWEIGHTSENTRY']._serialized_end=1487
-  _globals['_GETAUDITLOGREQUEST']._serialized_start=1489
-  _globals['_GETAUDITLOGREQUEST']._serialized_end=1539
-  _globals['_GETAUDITLOGRESPONSE']._serialized_start=1541
-  _globals['_GETAUDITLOGRESPONSE']._serialized_end=1611
-  _globals['_WATCHROUTESREQUEST']._serialized_start=1613
-  _globals['_WATCHROUTESREQUEST']._serialized_end=1648
-  _globals['_ROUTEEVENT']._serialized_start=1650
-  _globals['_ROUTEEVENT']._serialized_end=1752
-  _globals['_ROUTINGADMIN']._serialized_start=1755
-  _globals['_ROUTINGADMIN']._serialized_end=2420
+  _globals['_SETWEIGHTSREQUEST']._serialized_end=956
+  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_start=910
+  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_end=956
+  _globals['_PROMOTEREQUEST']._serialized_start=958
+  _globals['_PROMOTEREQUEST']._serialized_end=1042
+  _globals['_ROLLBACKREQUEST']._serialized_start=1044
+  _globals['_ROLLBACKREQUEST']._serialized_end=1112
+  _globals['_ROUTECHANGERESPONSE']._serialized_start=1114
+  _globals['_ROUTECHANGERESPONSE']._serialized_end=1177
+  _globals['_AUDITENTRY']._serialized_start=1180
+  _globals['_AUDITENTRY']._serialized_end=1547
+  _globals['_AUDITENTRY_OLDWEIGHTSENTRY']._serialized_start=1447
+  _globals['_AUDITENTRY_OLDWEIGHTSENTRY']._serialized_end=1496
+  _globals['_AUDITENTRY_NEWWEIGHTSENTRY']._serialized_start=1498
+  _globals['_AUDITENTRY_NEWWEIGHTSENTRY']._serialized_end=1547
+  _globals['_GETAUDITLOGREQUEST']._serialized_start=1549
+  _globals['_GETAUDITLOGREQUEST']._serialized_end=1599
+  _globals['_GETAUDITLOGRESPONSE']._serialized_start=1601
+  _globals['_GETAUDITLOGRESPONSE']._serialized_end=1671
+  _globals['_WATCHROUTESREQUEST']._serialized_start=1673
+  _globals['_WATCHROUTESREQUEST']._serialized_end=1708
+  _globals['_ROUTEEVENT']._serialized_start=1710
+  _globals['_ROUTEEVENT']._serialized_end=1812
+  _globals['_ROUTINGADMIN']._serialized_start=1815
+  _globals['_ROUTINGADMIN']._serialized_end=2480
 # @@protoc_insertion_point(module_scope)

@@ -83,7 +83,7 @@ class GetRouteResponse(_message.Message):
     def __init__(self, route: _Optional[_Union[Route, _Mapping]] = ...) -> None: ...
 
 class SetWeightsRequest(_message.Message):
-    __slots__ = ("model", "weights", "expected_revision", "reason")
+    __slots__ = ("model", "weights", "expected_revision", "reason", "request_id")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,29 +95,35 @@ class SetWeightsRequest(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: _containers.ScalarMap[str, int]
     expected_revision: int
     reason: str
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[_Mapping[str, int]] = ..., expected_revision: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[_Mapping[str, int]] = ..., expected_revision: _Optional[int] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("model", "variant", "reason")
+    __slots__ = ("model", "variant", "reason", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     reason: str
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("model", "reason")
+    __slots__ = ("model", "reason", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     reason: str
-    def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RouteChangeResponse(_message.Message):
     __slots__ = ("route",)

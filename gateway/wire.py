@@ -1,0 +1,163 @@
+"""Request decoding at the gRPC edge: a message that does not parse is INVALID_ARGUMENT, on every RPC.
+
+grpc.aio decodes a request with the handler's ``request_deserializer`` before any servicer or
+interceptor code can see the call's context; when that raises (``DecodeError`` on truncated
+bytes, a wrong wire type, invalid UTF-8 in a string field, nesting too deep) grpc answers
+UNKNOWN "Unexpected <class ...>", and a streamed request's error surfaces inside the servicer's
+iteration. ``DecodingRegistry`` stands between the generated ``add_*_to_server`` functions and the
+server: every method handler registered through it receives the raw bytes and decodes them in a
+wrapper that owns the call's context, so a bad message ends the call with INVALID_ARGUMENT and a
+short fixed message (never the bytes, never a traceback). It wraps once, at registration; a call
+pays one extra frame. The same seam admits unary requests against the in-flight memory budget
+(``gateway/admission.py``) before they are decoded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from infergate.gateway.admission import MemoryBudget
+from infergate.gateway.errors import InvalidArgument, ResourceExhausted
+
+Deserializer = Callable[[bytes], Any]
+
+
+class MalformedMessage(InvalidArgument):
+    """A streamed request message that does not parse."""
+
+
+async def admit_or_abort(budget: MemoryBudget | None, raw: bytes, context: grpc.aio.ServicerContext) -> int:
+    """Reserve ``len(raw)`` of ``budget`` for the call; over it, end the call RESOURCE_EXHAUSTED."""
+    if budget is None:
+        return 0
+    try:
+        budget.reserve(len(raw))
+    except ResourceExhausted as exc:
+        await context.abort(exc.code, exc.message)
+    return len(raw)
+
+
+async def decode_or_abort(deserialize: Deserializer, raw: bytes, context: grpc.aio.ServicerContext, what: str) -> Any:
+    """``deserialize(raw)``; a message that does not parse aborts the call with INVALID_ARGUMENT."""
+    try:
+        return deserialize(raw)
+    except Exception:  # DecodeError, RecursionError, ...: any failure to parse is the caller's bad input
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what} message")
+
+
+def _message_name(deserialize: Deserializer) -> str:
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "request")
+
+
+def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget | None = None) -> grpc.RpcMethodHandler | None:
+    """``handler`` with its request decoding moved inside the call (see the module docstring); a
+    unary request also holds its size of ``budget`` until the call ends (streams: the servicer)."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    deserialize = handler.request_deserializer
+    what = _message_name(deserialize)
+    serialize = handler.response_serializer
+
+    if not handler.request_streaming:
+        inner = handler.unary_unary or handler.unary_stream
+        if handler.response_streaming and inspect.isasyncgenfunction(inner):
+
+            async def unary_stream(raw: bytes, context):
+                reserved = await admit_or_abort(budget, raw, context)
+                try:
+                    request = await decode_or_abort(deserialize, raw, context, what)
+                    async for response in inner(request, context):
+                        yield response
+                finally:
+                    if reserved:
+                        budget.release(reserved)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
+
+        async def unary(raw: bytes, context):
+            reserved = await admit_or_abort(budget, raw, context)
+            try:
+                return await inner(await decode_or_abort(deserialize, raw, context, what), context)
+            finally:
+                if reserved:
+                    budget.release(reserved)
+
+        if handler.response_streaming:  # a coroutine that writes with context.write
+            return grpc.unary_stream_rpc_method_handler(unary, None, serialize)
+        return grpc.unary_unary_rpc_method_handler(unary, None, serialize)
+
+    async def decoded(raw_messages: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        # Raises instead of aborting: the servicer may read its stream from another task while the
+        # handler writes, and a status sent from there collides with the write. The handler's own
+        # task turns the error into the status (the servicer's status boundary, or the wrapper below).
+        async for raw in raw_messages:
+            try:
+                yield deserialize(raw)
+            except Exception as exc:
+                raise MalformedMessage(f"malformed {what} message") from exc
+
+    inner = handler.stream_unary or handler.stream_stream
+    if handler.response_streaming and inspect.isasyncgenfunction(inner):
+
+        async def stream_stream(raw_messages, context):
+            try:
+                async for response in inner(decoded(raw_messages), context):
+                    yield response
+            except MalformedMessage as exc:
+                await context.abort(exc.code, exc.message)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
+
+    async def stream(raw_messages, context):
+        try:
+            return await inner(decoded(raw_messages), context)
+        except MalformedMessage as exc:
+            await context.abort(exc.code, exc.message)
+
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(stream, None, serialize)
+    return grpc.stream_unary_rpc_method_handler(stream, None, serialize)
+
+
+class _StrictGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose answers go through ``strict_handler``, each method's wrapped once."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, budget: MemoryBudget | None) -> None:
+        self._inner = inner
+        self._budget = budget
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if method not in self._wrapped:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:
+                return None  # not ours: not remembered, so unknown names cannot grow the dict
+            self._wrapped[method] = strict_handler(handler, self._budget)
+        return self._wrapped[method]
+
+
+class DecodingRegistry:
+    """What the generated ``add_*_to_server`` functions need of a server, with strict decoding.
+
+    Pass it where a ``grpc.aio.Server`` is expected for registration only; ports, start and stop
+    stay on the server itself.
+    """
+
+    def __init__(self, server: grpc.aio.Server, budget: MemoryBudget | None = None) -> None:
+        self.server = server
+        self.budget = budget
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_StrictGenericHandler(h, self.budget) for h in generic_rpc_handlers))
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self.server.add_registered_method_handlers(
+            service_name, {name: strict_handler(handler, self.budget) for name, handler in method_handlers.items()}
+        )
