@@ -213,6 +213,8 @@ class Pipeline:
         chosen = variant_name = self.choose(endpoint, ctx)
         code = "OK"
         result: InferResult | None = None
+        in_flight = metrics.IN_FLIGHT.labels(endpoint.name)
+        in_flight.inc()
         try:
             headers = _forwarded_headers(ctx.metadata)
             if endpoint.feature_store is not None and endpoint.config.features is not None:
@@ -248,6 +250,7 @@ class Pipeline:
             raise Internal("internal error while serving the request") from exc
         finally:
             duration = time.perf_counter_ns() - started
+            in_flight.dec()
             endpoint.stats.record(code == "OK", duration, rows)
             metrics.REQUESTS.labels(endpoint.name, variant_name, code).inc()
             if code == "OK":

@@ -27,7 +27,7 @@ from infergate.backends.base import Backend, ModelSignature
 from infergate.backends.onnx import OnnxBackend
 from infergate.backends.resilience import ReadinessPoller, ResilientBackend, resilient
 from infergate.backends.triton import TritonBackend
-from infergate.gateway import metrics
+from infergate.gateway import __version__, metrics
 from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from infergate.gateway.auth import AuthSetupError, Authenticator
@@ -124,6 +124,7 @@ class Gateway:
     async def start(self) -> None:
         """Open backends, load models, start serving. Raises StartupError with a clear message."""
         self._stopped = asyncio.Event()
+        metrics.BUILD_INFO.labels(__version__).set(1)
         self.tracing.start()
         if self.auth is not None:
             try:
