@@ -7,7 +7,6 @@ Every command prints a readable result by default; failures print one line and e
 from __future__ import annotations
 
 import asyncio
-import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -24,16 +23,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="infergate: a
 EXIT_CONFIG = 2
 
 
-def _setup_logging(level: str) -> None:
-    from infergate.gateway.auth.logfilter import SubjectLogFilter
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    from infergate.gateway.logs import configure_logging
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(SubjectLogFilter())  # [subject]: who the call being served is for, "-" outside calls
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(subject)s]: %(message)s",
-        handlers=[handler],
-    )
+    configure_logging(level, log_format)
 
 
 def _load(config_path: Optional[Path]) -> GatewayConfig:
@@ -50,8 +43,8 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
-    _setup_logging(log_level)
     gateway_config = _load(config)
+    _setup_logging(log_level, gateway_config.logging.format)
     workers = gateway_config.server.workers
     if workers == 1:
         raise typer.Exit(_run_replica(gateway_config))
@@ -124,8 +117,9 @@ def _supervise(config_path: Path, config: GatewayConfig, log_level: str) -> int:
 
 
 def _worker_main(config_path: str, log_level: str, index: int = 0) -> None:
-    _setup_logging(log_level)
-    sys.exit(_run_replica(_worker_config(load_config(config_path))))
+    config = load_config(config_path)
+    _setup_logging(log_level, config.logging.format)
+    sys.exit(_run_replica(_worker_config(config)))
 
 
 def _worker_config(config: GatewayConfig) -> GatewayConfig:

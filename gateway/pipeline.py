@@ -45,6 +45,8 @@ class CallContext:
     """Absolute, on ``time.monotonic``."""
     identity: Identity = ANONYMOUS
     """Who is calling (set by the auth layer)."""
+    request_id: str = ""
+    """The request's ``id`` (what feedback labels are joined on); may be empty."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ class CallRecord:
     outputs: Sequence[str]
     result: InferResult | None
     """The live answer; None when the call failed."""
+    context: CallContext | None = None
+    """The call's context (request id, identity); None only in records built by tests."""
 
 
 CallObserver = Callable[[CallRecord], None]
@@ -256,7 +260,7 @@ class Pipeline:
             if code == "OK":
                 metrics.REQUEST_DURATION.labels(endpoint.name, variant_name).observe(duration / 1e9)
             if self.observers:
-                record = CallRecord(endpoint, chosen, code, duration / 1e9, inputs, outputs, result)
+                record = CallRecord(endpoint, chosen, code, duration / 1e9, inputs, outputs, result, ctx)
                 for observe in self.observers:
                     observe(record)
 

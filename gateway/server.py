@@ -34,6 +34,9 @@ from infergate.gateway.auth import AuthSetupError, Authenticator
 from infergate.gateway.config import GatewayConfig, ModelRouteConfig
 from infergate.gateway.errors import GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
+from infergate.gateway.feedback import add_feedback
+from infergate.gateway.logs import AccessLog
+from infergate.gateway.monitor import ModelMonitor, build_monitor
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
@@ -107,6 +110,8 @@ class Gateway:
         self.routing: Routing | None = None
         """Selector, Redis route store, canary controllers and shadow copies (created in start)."""
         self.pipeline: Pipeline | None = None
+        self.monitor: ModelMonitor | None = None
+        """Drift, class shares and feedback accuracy (``monitoring.enabled``)."""
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -153,7 +158,16 @@ class Gateway:
                 metrics.ROUTE_WEIGHT.labels(model_name, variant).set(weight)
         self.routing = Routing(self.config, self.routes, endpoints, self._clock)
         await self.routing.start()
-        self.pipeline = Pipeline(endpoints, self.routes, self.routing.selector, self.routing.observers)
+        observers = list(self.routing.observers)
+        if self.config.monitoring.enabled:
+            try:
+                self.monitor = build_monitor(self.config.monitoring, endpoints, self.routing.canaries)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from exc
+            observers.append(self.monitor.observe)
+        if self.config.logging.access_log_sample_ratio > 0 or self.config.logging.log_failed_calls:
+            observers.append(AccessLog(self.config.logging.access_log_sample_ratio).observe)
+        self.pipeline = Pipeline(endpoints, self.routes, self.routing.selector, observers)
         await self._start_server()
         if self.config.server.metrics_listen:
             try:
@@ -266,7 +280,10 @@ class Gateway:
     def extra_services(self, server: grpc.aio.Server) -> list[str]:
         """Hook for more services on the same server; returns their full names for reflection."""
         assert self.pipeline is not None and self.routing is not None
-        return [self.routing.add_admin(server, self.pipeline)]
+        services = [self.routing.add_admin(server, self.pipeline)]
+        if self.monitor is not None:
+            services.append(add_feedback(server, self.monitor))
+        return services
 
     async def _set_health(self, status) -> None:
         if self._health is None:
@@ -336,6 +353,22 @@ def _check_compatible(
             raise StartupError(f"models.{model}.variants.{name}: has no output {spec.name} (the baseline {baseline} has)")
 
 
+def log_started(gateway: Gateway) -> None:
+    """The start-up line, in the log's format: version, ports, workers, models with their variants and backends."""
+    config = gateway.config
+    models = {
+        name: {variant: f"{v.backend}:{v.model or (v.path.name if v.path else '')}" for variant, v in model.variants.items()}
+        for name, model in config.models.items()
+    }
+    backends = {name: backend.kind for name, backend in config.backends.items()}
+    log.info(
+        "infergate %s serving %d model(s) on port %s, metrics port %s, %d worker(s)",
+        __version__, len(models), gateway.port, gateway.metrics_port or "-", config.server.workers,
+        extra={"fields": {"version": __version__, "port": gateway.port, "metrics_port": gateway.metrics_port or 0,
+                          "workers": config.server.workers, "models": models, "backends": backends}},
+    )
+
+
 async def serve(config: GatewayConfig, gateway_factory: Callable[[GatewayConfig], Gateway] = Gateway) -> int:
     """Run one replica until SIGTERM or SIGINT; return the process exit code."""
     gateway = gateway_factory(config)
@@ -350,6 +383,7 @@ async def serve(config: GatewayConfig, gateway_factory: Callable[[GatewayConfig]
         await gateway.stop(0)
         return 1
     print(f"infergate listening on port {gateway.port} metrics_port {gateway.metrics_port or 0}", flush=True)
+    log_started(gateway)
     if config.auth.mode == "none":
         log.warning("auth.mode is none: every caller may call every model")
     await stop_requested.wait()

@@ -81,6 +81,7 @@ def call_context(
     default_deadline_s: float,
     clock: Callable[[], float] = time.monotonic,
     metadata: dict[str, str] | None = None,
+    request_id: str = "",
 ) -> CallContext:
     """The call's metadata and one absolute deadline (the caller's, else the default)."""
     if metadata is None:
@@ -94,6 +95,7 @@ def call_context(
         parameters=parameters,
         deadline=clock() + timeout,
         identity=current_identity.get(),
+        request_id=request_id,
     )
 
 
@@ -265,7 +267,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 endpoint = self._endpoint(request.model_name, request.model_version)
                 decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
-                ctx = call_context(context, decoded.parameters, self._default_deadline_s, metadata=metadata)
+                ctx = call_context(context, decoded.parameters, self._default_deadline_s, metadata=metadata, request_id=request.id)
                 result = await self._pipeline.infer(endpoint, decoded.inputs, decoded.outputs, ctx, decoded.rows)
             except GatewayError as exc:
                 mark_error(span, exc.code.name, exc.message)
