@@ -171,6 +171,10 @@ def _register_subcommands() -> None:
 
     app.add_typer(features_app, name="features")
 
+    from infergate.gateway.cli_monitor import monitor_app
+
+    app.add_typer(monitor_app, name="monitor")
+
     from infergate.gateway.cli_admin import register as register_admin_commands  # routes, canary, audit
 
     register_admin_commands(app)
