@@ -55,6 +55,10 @@ BATCH_SIZE = Histogram("infergate_batch_size", "Rows per backend call", ["model"
 QUEUE_DEPTH = Gauge(
     "infergate_queue_depth", "Rows waiting in a variant's batch queue", ["model", "variant"], multiprocess_mode="livesum"
 )
+QUEUE_CAPACITY = Gauge(
+    "infergate_queue_capacity", "Rows a variant's batch queue holds at most (batching.max_queue)", ["model", "variant"],
+    multiprocess_mode="livesum",
+)
 QUEUE_WAIT = Histogram(
     "infergate_queue_wait_seconds", "Time a request waited in the batch queue", ["model", "variant"], buckets=_LATENCY_BUCKETS_S
 )

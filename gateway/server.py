@@ -221,6 +221,7 @@ class Gateway:
                     clock=self._clock,
                 )
                 self._batchers.append(variant.batcher)
+                metrics.QUEUE_CAPACITY.labels(variant.model, variant.name).set(model_config.batching.max_queue)
                 await variant.batcher.start()
             else:
                 log.warning("model %s variant %s: not batched, batching is off for it", variant.model, variant.name)
