@@ -177,6 +177,8 @@ def feature_table(array: np.ndarray, batched: bool) -> np.ndarray | None:
 
 def predicted_classes(array: np.ndarray, batched: bool) -> np.ndarray:
     """Class index per row: argmax of ``[N, C]`` scores (C > 1), else the value of a ``[N]``/``[N, 1]`` tensor."""
+    if batched and array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind in "iuf":
+        return array.argmax(axis=1)  # the usual case, without the general reshaping below
     table = feature_table(array, batched)
     if table is None:
         raise ValueError(f"class output has non-numeric dtype {array.dtype}")

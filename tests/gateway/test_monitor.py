@@ -248,3 +248,14 @@ async def test_bad_class_output_is_a_startup_error(onnx_gateway_config, no_task_
     finally:
         await gateway.stop(0)  # what `serve` does after a failed start
     assert "monitoring.models.misnamed.class_output: model has no output 'NOPE'" in str(err.value)
+
+
+def test_monitoring_config_names_an_unknown_model(onnx_gateway_config):
+    from infergate.gateway.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(dict(onnx_gateway_config, monitoring={"enabled": True, "models": {"nope": {}}}))
+    assert "monitoring.models.nope: unknown model 'nope'" in str(err.value)
+    with pytest.raises(ConfigError) as ratio:
+        parse_config(dict(onnx_gateway_config, monitoring={"sample_ratio": 2}))
+    assert "monitoring.sample_ratio" in str(ratio.value)
