@@ -82,8 +82,8 @@ def _supervise(config_path: Path, config: GatewayConfig, log_level: str) -> int:
         print(f"infergate supervising {config.server.workers} workers, metrics_port {metrics_port}", flush=True)
         context = multiprocessing.get_context("spawn")
         processes = [
-            context.Process(target=_worker_main, args=(str(config_path), log_level, index), daemon=False)
-            for index in range(config.server.workers)
+            context.Process(target=_worker_main, args=(str(config_path), log_level), daemon=False)
+            for _ in range(config.server.workers)
         ]
         for process in processes:
             process.start()
@@ -116,7 +116,7 @@ def _supervise(config_path: Path, config: GatewayConfig, log_level: str) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _worker_main(config_path: str, log_level: str, index: int = 0) -> None:
+def _worker_main(config_path: str, log_level: str) -> None:
     config = load_config(config_path)
     _setup_logging(log_level, config.logging.format)
     sys.exit(_run_replica(_worker_config(config)))
