@@ -118,6 +118,11 @@ class ModelEndpoint:
     stats: "ModelStats" = field(default_factory=lambda: ModelStats())
     feature_store: "FeatureStore | None" = None
     """Where this model's online features come from (None when it has none)."""
+    in_flight: Any = field(init=False, repr=False)
+    """This model's in-flight gauge, resolved once (``labels()`` costs more than ``inc()``)."""
+
+    def __post_init__(self) -> None:
+        self.in_flight = metrics.IN_FLIGHT.labels(self.name)
 
     @property
     def max_batch_size(self) -> int:
@@ -217,7 +222,7 @@ class Pipeline:
         chosen = variant_name = self.choose(endpoint, ctx)
         code = "OK"
         result: InferResult | None = None
-        in_flight = metrics.IN_FLIGHT.labels(endpoint.name)
+        in_flight = endpoint.in_flight
         in_flight.inc()
         try:
             headers = _forwarded_headers(ctx.metadata)
