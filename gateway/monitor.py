@@ -230,6 +230,7 @@ class _ModelState:
         self.class_counts: dict[str, np.ndarray] = {}
         self.class_rows: dict[str, int] = {}
         self.class_shares: dict[str, np.ndarray] = {}
+        self.classes_seen: dict[str, set[int]] = {}
         self._skipped: set[str] = set()
         if model_config.profile is not None:
             self.profile = read_profile(model_config.profile)
@@ -319,10 +320,11 @@ class _ModelState:
         counts += np.bincount(np.clip(classes, 0, limit), minlength=limit + 1)[: limit + 1]
         self.class_rows[variant] = self.class_rows.get(variant, 0) + len(classes)
         if self.class_rows[variant] >= self.config.window_rows:
-            self.class_shares[variant] = counts / counts.sum()
-            for index, share in enumerate(self.class_shares[variant]):
-                if share > 0 or index < len(self.class_names):
-                    metrics.CLASS_SHARE.labels(self.name, variant, self.class_name(index)).set(float(share))
+            shares = self.class_shares[variant] = counts / counts.sum()
+            seen = self.classes_seen.setdefault(variant, set())
+            seen.update(int(index) for index in np.flatnonzero(shares))
+            for index in sorted(seen):  # a class seen before and absent now reads 0, not its old share
+                metrics.CLASS_SHARE.labels(self.name, variant, self.class_name(index)).set(float(shares[index]))
             counts[:] = 0
             self.class_rows[variant] = 0
             self._update_shifts()
