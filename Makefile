@@ -19,10 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# redis-server for the tests and the demo; python3-venv where Debian's Python lacks ensurepip.
+# redis-server for the tests and the demo; promtool (Debian package prometheus) to check the alert
+# rules; python3-venv where Debian's Python lacks ensurepip.
 system-deps:
 	@need=""; \
 	command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
+	command -v promtool >/dev/null 2>&1 || need="$$need prometheus"; \
 	[ -n "$(WANT_VENV)" ] && need="$$need python3-venv"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \

@@ -65,13 +65,14 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._closed_at = clock()
         self._probes = 0
-        metrics.BREAKER_OPEN.labels(name).set(0)
+        metrics.set_breaker_state(name, BreakerState.CLOSED.value)
 
     @property
     def state(self) -> BreakerState:
         if self._state is BreakerState.OPEN and self._clock() >= self._open_until:
             self._state = BreakerState.HALF_OPEN
             self._probes = 0
+            metrics.set_breaker_state(self.name, BreakerState.HALF_OPEN.value)
             log.info("backend %s: ejection over, breaker half open", self.name)
         return self._state
 
@@ -135,14 +136,14 @@ class CircuitBreaker:
         self._open_until = now + ejection_s
         self._failures = 0
         self._probes = 0
-        metrics.BREAKER_OPEN.labels(self.name).set(1)
+        metrics.set_breaker_state(self.name, BreakerState.OPEN.value)
         log.warning("backend %s: breaker open for %.1fs (ejection %d)", self.name, ejection_s, self._ejections)
 
     def _close(self) -> None:
         self._state = BreakerState.CLOSED
         self._closed_at = self._clock()
         self._probes = 0
-        metrics.BREAKER_OPEN.labels(self.name).set(0)
+        metrics.set_breaker_state(self.name, BreakerState.CLOSED.value)
         log.info("backend %s: breaker closed", self.name)
 
 

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # tests/support lives in the checkout, beside thi
 
 from tests.support.processes import GatewayProcess, TritonProcess, _Process, _python_env  # noqa: E402
 
-SCENARIOS = ("serving",)
+SCENARIOS = ("serving", "observability")  # observability: benchmarks/observability_scenario.py
 CEILING_START_TIMEOUT_S = 30.0
 MODEL = "classifier"
 TRITON_MODEL = "linear_v1"  # tests/support/triton_models.py: LinearClassifier.random(seed=1), as here
@@ -101,6 +101,12 @@ def serving(workdir: Path, with_triton: bool = False) -> Iterator[list[Target]]:
 @contextlib.contextmanager
 def start_scenario(name: str, workdir: Path, with_triton: bool = False) -> Iterator[list[Target]]:
     """The servers of scenario ``name`` (one of ``SCENARIOS``), running for the duration of the block."""
+    if name == "observability":
+        from infergate.benchmarks.observability_scenario import observability
+
+        with observability(workdir) as targets:
+            yield targets
+        return
     if name != "serving":
         raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     with serving(workdir, with_triton) as targets:

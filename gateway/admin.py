@@ -97,6 +97,17 @@ def _health(endpoint: ModelEndpoint, name: str) -> str:
     return "ok" if endpoint.variants[name].available() else "down"
 
 
+def _log_change(action: str, identity: Identity, route: Route, reason: str) -> None:
+    """One log line per admin change (the audit log in Redis is the record; this is for log search)."""
+    weights = dict(route.weights)
+    log.info(
+        "admin %s on %s by %s: weights %s, revision %d, reason %r", action, route.model, identity.subject, weights,
+        route.revision, reason,
+        extra={"fields": {"action": action, "model": route.model, "by": identity.subject, "weights": weights,
+                          "revision": route.revision, "reason": reason}},
+    )
+
+
 def _admin() -> Identity:
     identity = current_identity.get()
     if not identity.may_admin():
@@ -146,6 +157,7 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
                 request.model, dict(request.weights), identity.subject, request.reason, request.expected_revision,
                 request_id=request.request_id,
             )
+            _log_change("set_weights", identity, route, request.reason)
             return pb.RouteChangeResponse(route=await self._route(route.model, route))
 
     async def Promote(self, request, context):
@@ -154,6 +166,7 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
             route = await self._writer().promote(
                 request.model, request.variant, identity.subject, request.reason, request_id=request.request_id
             )
+            _log_change("promote", identity, route, request.reason)
             return pb.RouteChangeResponse(route=await self._route(route.model, route))
 
     async def Rollback(self, request, context):
@@ -161,6 +174,7 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
             identity = _admin()
             route = await self._writer().rollback(request.model, identity.subject, request.reason,
                                                   request_id=request.request_id)
+            _log_change("rollback", identity, route, request.reason)
             return pb.RouteChangeResponse(route=await self._route(route.model, route))
 
     async def GetAuditLog(self, request, context):

@@ -7,7 +7,6 @@ Every command prints a readable result by default; failures print one line and e
 from __future__ import annotations
 
 import asyncio
-import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -24,15 +23,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="infergate: a
 EXIT_CONFIG = 2
 
 
-def _setup_logging(level: str) -> None:
-    from infergate.gateway.auth.logfilter import SubjectLogFilter
-    from infergate.gateway.redaction import RedactingFormatter
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    from infergate.gateway.logs import configure_logging
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(SubjectLogFilter())  # [subject]: who the call being served is for, "-" outside calls
-    # No secret in any line, tracebacks included: URL passwords, tokens, the HS256 secret.
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s [%(subject)s]: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    configure_logging(level, log_format)
 
 
 def _load(config_path: Optional[Path]) -> GatewayConfig:
@@ -49,63 +43,88 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
-    _setup_logging(log_level)
     gateway_config = _load(config)
+    _setup_logging(log_level, gateway_config.logging.format)
     workers = gateway_config.server.workers
     if workers == 1:
         raise typer.Exit(_run_replica(gateway_config))
-    # Several processes share the port through SO_REUSEPORT; each is a full replica.
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_worker_main, args=(str(config), log_level, index), daemon=False) for index in range(workers)
-    ]
-    for process in processes:
-        process.start()
-    import signal
-
-    def forward(signum, _frame):
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    # Supervise: a worker that dies on its own (a start-up error, a crash) takes the others down,
-    # so the process manager above sees one failed service rather than a silently smaller one.
-    stopping = False
-    while any(process.is_alive() for process in processes):
-        multiprocessing.connection.wait([p.sentinel for p in processes if p.is_alive()], timeout=1.0)
-        failed = [p for p in processes if not p.is_alive() and p.exitcode not in (0, None)]
-        if failed and not stopping:
-            stopping = True
-            typer.echo(f"infergate: worker exited with code {failed[0].exitcode}; stopping the others", err=True)
-            forward(signal.SIGTERM, None)
-    for process in processes:
-        process.join()
-    raise typer.Exit(max((p.exitcode or 0) for p in processes))
+    raise typer.Exit(_supervise(config, gateway_config, log_level))
 
 
-def _worker_main(config_path: str, log_level: str, index: int = 0) -> None:
-    _setup_logging(log_level)
-    sys.exit(_run_replica(_worker_config(load_config(config_path), index)))
+def _supervise(config_path: Path, config: GatewayConfig, log_level: str) -> int:
+    """Run ``server.workers`` replicas sharing the port (SO_REUSEPORT); return the exit code.
 
-
-def _worker_config(config: GatewayConfig, index: int) -> GatewayConfig:
-    """Worker ``index`` serves its own metrics on ``metrics_listen``'s port + index.
-
-    The gRPC port is shared through SO_REUSEPORT, but each process has its own counters, so each
-    needs its own metrics endpoint (Prometheus scrapes all of them); port 0 stays 0 (any free port).
+    The workers record metrics into a shared multiprocess directory and this process alone serves
+    ``metrics_listen`` with their sum (see gateway/metrics.py). A worker that dies on its own (a
+    start-up error, a crash) takes the others down, so the process manager above sees one failed
+    service rather than a silently smaller one.
     """
-    from infergate.gateway.config import split_host_port
+    import shutil
+    import signal
+    import tempfile
 
-    listen = config.server.metrics_listen
-    if not listen or index == 0:
-        return config
-    host, port = split_host_port(listen)
-    if port == 0:
-        return config
-    host = f"[{host}]" if ":" in host else host
-    server = config.server.model_copy(update={"metrics_listen": f"{host}:{port + index}"})
+    from prometheus_client import multiprocess as prometheus_multiprocess
+
+    from infergate.gateway import metrics  # before the directory is set: this process keeps its values in memory
+
+    own_dir = not os.environ.get(metrics.MULTIPROCESS_DIR_ENV)
+    metrics_dir = os.environ.get(metrics.MULTIPROCESS_DIR_ENV) or tempfile.mkdtemp(prefix="infergate-metrics-")
+    os.environ[metrics.MULTIPROCESS_DIR_ENV] = metrics_dir  # inherited by the spawned workers
+    try:
+        metrics_port = 0
+        if config.server.metrics_listen:
+            try:
+                metrics_port = metrics.serve_metrics(config.server.metrics_listen, multiprocess=True)
+            except OSError as exc:
+                typer.echo(f"infergate: cannot start: server.metrics_listen: cannot bind "
+                           f"{config.server.metrics_listen}: {exc.strerror or exc}", err=True)
+                return 1
+        print(f"infergate supervising {config.server.workers} workers, metrics_port {metrics_port}", flush=True)
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(target=_worker_main, args=(str(config_path), log_level), daemon=False)
+            for _ in range(config.server.workers)
+        ]
+        for process in processes:
+            process.start()
+
+        def forward(signum, _frame):
+            for process in processes:
+                if process.pid is not None and process.is_alive():
+                    os.kill(process.pid, signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        stopping = False
+        reaped: set[int] = set()
+        while len(reaped) < len(processes):
+            multiprocessing.connection.wait([p.sentinel for p in processes if p.is_alive()], timeout=1.0)
+            for process in processes:
+                if not process.is_alive() and process.pid not in reaped:
+                    reaped.add(process.pid)
+                    prometheus_multiprocess.mark_process_dead(process.pid, metrics_dir)  # its live gauges go
+            failed = [p for p in processes if not p.is_alive() and p.exitcode not in (0, None)]
+            if failed and not stopping:
+                stopping = True
+                typer.echo(f"infergate: worker exited with code {failed[0].exitcode}; stopping the others", err=True)
+                forward(signal.SIGTERM, None)
+        for process in processes:
+            process.join()
+        return 1 if any(process.exitcode != 0 for process in processes) else 0
+    finally:
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _worker_main(config_path: str, log_level: str) -> None:
+    config = load_config(config_path)
+    _setup_logging(log_level, config.logging.format)
+    sys.exit(_run_replica(_worker_config(config)))
+
+
+def _worker_config(config: GatewayConfig) -> GatewayConfig:
+    """A worker of several serves no metrics endpoint: the supervisor serves all workers' metrics."""
+    server = config.server.model_copy(update={"metrics_listen": ""})
     return config.model_copy(update={"server": server})
 
 
@@ -151,6 +170,10 @@ def _register_subcommands() -> None:
     from infergate.gateway.cli_features import features_app
 
     app.add_typer(features_app, name="features")
+
+    from infergate.gateway.cli_monitor import monitor_app
+
+    app.add_typer(monitor_app, name="monitor")
 
     from infergate.gateway.cli_admin import register as register_admin_commands  # routes, canary, audit
 

@@ -324,6 +324,10 @@ class CanaryConfig(_Model):
     """Tolerated candidate error rate above the baseline's."""
     max_p99_latency_ratio: float = Field(1.5, gt=0)
     """Tolerated candidate p99 / baseline p99."""
+    min_labels: int = Field(50, ge=1)
+    """Feedback labels each variant needs in an interval before accuracy is judged."""
+    max_accuracy_decrease: float = Field(0.02, ge=0, le=1)
+    """Tolerated candidate accuracy below the baseline's (when labels arrive through the feedback RPC)."""
     lease_ttl_s: float = Field(10.0, gt=0)
     """How long the replica driving this canary stays leader without renewing (a dead one is replaced after it)."""
 
@@ -374,6 +378,54 @@ class ModelRouteConfig(_Model):
         return self
 
 
+class LoggingConfig(_Model):
+    format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line with ``trace_id`` and ``span_id`` when a span is current."""
+    access_log_sample_ratio: float = Field(0.0, ge=0, le=1)
+    """Share of successful inference calls logged by the access log (model, variant, status, duration, tenant); 0 = off."""
+    log_failed_calls: bool = True
+    """One access-log line per failed inference call (at most 20 a second)."""
+
+
+class ModelMonitorConfig(_Model):
+    profile: Path | None = None
+    """Reference profile written by ``infergate monitor profile``; absent: captured from the first sampled rows."""
+    class_output: str = ""
+    """Output holding the prediction: argmax of a [N, C] score tensor, or a [N] / [N, 1] class index.
+    Empty: no class shares and no feedback accuracy for this model."""
+    class_names: tuple[str, ...] = ()
+    """Class names by index, as feedback labels name them; empty: the index as a string ("0", "1"...)."""
+
+
+class MonitoringConfig(_Model):
+    """Model monitoring in the request path (gateway/monitor.py): drift, class shares, feedback accuracy."""
+
+    enabled: bool = False
+    """Watch every model's inputs and outputs (sampled) and accept feedback labels."""
+    sample_ratio: float = Field(0.01, ge=0, le=1)
+    """Share of calls whose rows go into the drift histograms and class shares."""
+    bins: int = Field(10, ge=2, le=50)
+    """Buckets per feature; their edges are the reference's quantiles."""
+    max_indexes: int = Field(32, ge=1, le=1024)
+    """Features watched per tensor (the first ones): bounds the drift series to tensors x this."""
+    max_classes: int = Field(32, ge=2, le=1024)
+    """Classes counted by index; higher indexes are counted as ``other``."""
+    reference_rows: int = Field(1000, ge=10)
+    """Sampled rows captured as a model's reference when it has no profile file."""
+    window_rows: int = Field(1000, ge=10)
+    """Sampled rows per drift window: PSI and class shares are recomputed each time one fills."""
+    psi_warn_threshold: float = Field(0.2, gt=0)
+    """A window whose PSI crosses this logs one warning per feature (alerts use their own threshold)."""
+    prediction_store_size: int = Field(100_000, ge=1)
+    """Predictions kept (by request id) for joining feedback labels; the oldest go first."""
+    max_rows_per_prediction: int = Field(64, ge=1)
+    """Rows of one request whose predictions are kept for feedback."""
+    accuracy_window: int = Field(1000, ge=1)
+    """Labelled predictions per variant that the live accuracy is computed over."""
+    models: dict[str, ModelMonitorConfig] = {}
+    """Per-model settings; a model not named here is watched with the defaults."""
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -382,9 +434,14 @@ class GatewayConfig(_Model):
     backends: dict[str, BackendConfig] = {}
     feature_views: dict[str, FeatureViewConfig] = {}
     models: dict[str, ModelRouteConfig] = {}
+    monitoring: MonitoringConfig = MonitoringConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
+        for model_name in self.monitoring.models:
+            if model_name not in self.models:
+                raise ValueError(f"monitoring.models.{model_name}: unknown model {model_name!r}")
         for model_name, model in self.models.items():
             for name, variant in model.variants.items():
                 where = f"models.{model_name}.variants.{name}"
@@ -494,6 +551,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     for key in ("cert_file", "key_file", "client_ca_file"):
         fix(tls, key)
     fix(raw.get("auth"), "jwks_file")
+    monitored = (raw.get("monitoring") or {}).get("models") if isinstance(raw.get("monitoring"), dict) else None
+    if isinstance(monitored, dict):
+        for model in monitored.values():
+            fix(model, "profile")
     models = raw.get("models")
     if isinstance(models, dict):
         for model in models.values():

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class CallContext:
     """What the gateway knows about one call besides its tensors."""
 
-    __slots__ = ("metadata", "parameters", "deadline", "identity", "headers")
+    __slots__ = ("metadata", "parameters", "deadline", "identity", "headers", "request_id")
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class CallContext:
         deadline: float,
         identity: Identity = ANONYMOUS,
         headers: Mapping[str, str] | None = None,
+        request_id: str = "",
     ) -> None:
         self.metadata = metadata
         """Invocation metadata, keys lower-case (``x-infergate-variant``, ``traceparent``...)."""
@@ -58,6 +59,8 @@ class CallContext:
         """Who is calling (set by the auth layer)."""
         self.headers = headers
         """Trace context to pass to the backend (None: none)."""
+        self.request_id = request_id
+        """The request's ``id`` (what feedback labels are joined on); may be empty."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,11 @@ class ModelEndpoint:
     stats: "ModelStats" = field(default_factory=lambda: ModelStats())
     feature_store: "FeatureStore | None" = None
     """Where this model's online features come from (None when it has none)."""
+    in_flight: Any = field(init=False, repr=False)
+    """This model's in-flight gauge, resolved once (``labels()`` costs more than ``inc()``)."""
+
+    def __post_init__(self) -> None:
+        self.in_flight = metrics.IN_FLIGHT.labels(self.name)
 
     @property
     def max_batch_size(self) -> int:
@@ -183,6 +191,8 @@ class CallRecord:
     outputs: Sequence[str]
     result: InferResult | None
     """The live answer; None when the call failed."""
+    context: CallContext | None = None
+    """The call's context (request id, identity); None only in records built by tests."""
 
 
 CallObserver = Callable[[CallRecord], None]
@@ -232,6 +242,8 @@ class Pipeline:
         variant = endpoint.variants[chosen]
         code = "OK"
         result: InferResult | None = None
+        in_flight = endpoint.in_flight
+        in_flight.inc()
         try:
             if endpoint.feature_store is not None:
                 features_ns = time.time_ns() if traced else 0
@@ -287,6 +299,7 @@ class Pipeline:
                     "infergate.route.reason": reason if variant.name == chosen else "fallback",
                 }
                 stage_span(tracer, ROUTE_SPAN, route_ns[0], route_ns[1], attributes)
+            in_flight.dec()
             endpoint.stats.record(code == "OK", duration, rows)
             if code == "OK":
                 variant.served.inc()
@@ -294,6 +307,6 @@ class Pipeline:
             else:
                 metrics.REQUESTS.labels(endpoint.name, variant.name, code).inc()
             if self.observers:
-                record = CallRecord(endpoint, chosen, code, duration / 1e9, inputs, outputs, result)
+                record = CallRecord(endpoint, chosen, code, duration / 1e9, inputs, outputs, result, ctx)
                 for observe in self.observers:
                     observe(record)

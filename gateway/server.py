@@ -27,13 +27,16 @@ from infergate.backends.base import Backend, ModelSignature
 from infergate.backends.onnx import OnnxBackend
 from infergate.backends.resilience import ReadinessPoller, ResilientBackend, resilient
 from infergate.backends.triton import TritonBackend
-from infergate.gateway import metrics
+from infergate.gateway import __version__, metrics
 from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from infergate.gateway.auth import AuthSetupError, Authenticator
 from infergate.gateway.config import GatewayConfig, ModelRouteConfig
 from infergate.gateway.errors import BackendUnavailable, GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
+from infergate.gateway.feedback import add_feedback
+from infergate.gateway.logs import AccessLog
+from infergate.gateway.monitor import ModelMonitor, build_monitor
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
@@ -91,6 +94,8 @@ class Gateway:
         self.routing: Routing | None = None
         """Selector, Redis route store, canary controllers and shadow copies (created in start)."""
         self.pipeline: Pipeline | None = None
+        self.monitor: ModelMonitor | None = None
+        """Drift, class shares and feedback accuracy (``monitoring.enabled``)."""
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -108,6 +113,7 @@ class Gateway:
     async def start(self) -> None:
         """Open backends, load models, start serving. Raises StartupError with a clear message."""
         self._stopped = asyncio.Event()
+        metrics.BUILD_INFO.labels(__version__).set(1)
         self.tracing.start()
         if self.auth is not None:
             try:
@@ -136,7 +142,16 @@ class Gateway:
                 metrics.ROUTE_WEIGHT.labels(model_name, variant).set(weight)
         self.routing = Routing(self.config, self.routes, endpoints, self._clock)
         await self.routing.start()
-        self.pipeline = Pipeline(endpoints, self.routing.selector, self.routing.observers, self._tracer())
+        observers = list(self.routing.observers)
+        if self.config.monitoring.enabled:
+            try:
+                self.monitor = build_monitor(self.config.monitoring, endpoints, self.routing.canaries)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from exc
+            observers.append(self.monitor.observe)
+        if self.config.logging.access_log_sample_ratio > 0 or self.config.logging.log_failed_calls:
+            observers.append(AccessLog(self.config.logging.access_log_sample_ratio).observe)
+        self.pipeline = Pipeline(endpoints, self.routing.selector, observers, self._tracer())
         await self._start_server()
         if self.config.server.metrics_listen:
             try:
@@ -261,6 +276,7 @@ class Gateway:
                     tracer=self._tracer(),
                 )
                 self._batchers.append(batcher)
+                metrics.QUEUE_CAPACITY.labels(model_name, name).set(model_config.batching.max_queue)
                 await batcher.start()
                 stack = batcher
             else:
@@ -331,7 +347,10 @@ class Gateway:
     def extra_services(self, server: DecodingRegistry) -> list[str]:
         """Hook for more services on the same server; returns their full names for reflection."""
         assert self.pipeline is not None and self.routing is not None
-        return [self.routing.add_admin(server, self.pipeline)]
+        services = [self.routing.add_admin(server, self.pipeline)]
+        if self.monitor is not None:
+            services.append(add_feedback(server, self.monitor))
+        return services
 
     async def _set_health(self, status) -> None:
         if self._health is None:
@@ -416,6 +435,22 @@ def _check_compatible(
             raise StartupError(f"models.{model}.variants.{name}: has no output {spec.name} (the baseline {baseline} has)")
 
 
+def log_started(gateway: Gateway) -> None:
+    """The start-up line, in the log's format: version, ports, workers, models with their variants and backends."""
+    config = gateway.config
+    models = {
+        name: {variant: f"{v.backend}:{v.model or (v.path.name if v.path else '')}" for variant, v in model.variants.items()}
+        for name, model in config.models.items()
+    }
+    backends = {name: backend.kind for name, backend in config.backends.items()}
+    log.info(
+        "infergate %s serving %d model(s) on port %s, metrics port %s, %d worker(s)",
+        __version__, len(models), gateway.port, gateway.metrics_port or "-", config.server.workers,
+        extra={"fields": {"version": __version__, "port": gateway.port, "metrics_port": gateway.metrics_port or 0,
+                          "workers": config.server.workers, "models": models, "backends": backends}},
+    )
+
+
 async def serve(config: GatewayConfig, gateway_factory: Callable[[GatewayConfig], Gateway] = Gateway) -> int:
     """Run one replica until SIGTERM or SIGINT; return the process exit code."""
     gateway = gateway_factory(config)
@@ -430,6 +465,7 @@ async def serve(config: GatewayConfig, gateway_factory: Callable[[GatewayConfig]
         await gateway.stop(0)
         return 1
     print(f"infergate listening on port {gateway.port} metrics_port {gateway.metrics_port or 0}", flush=True)
+    log_started(gateway)
     if config.auth.mode == "none":
         log.warning("auth.mode is none: every caller may call every model")
     await stop_requested.wait()

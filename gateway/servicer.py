@@ -326,7 +326,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             remaining = self._default_deadline_s
         elif remaining <= 0:
             raise DeadlineExceeded("deadline passed before the gateway received the call")
-        ctx = CallContext(metadata, decoded.parameters, time.monotonic() + remaining, current_identity.get(), headers)
+        ctx = CallContext(
+            metadata, decoded.parameters, time.monotonic() + remaining, current_identity.get(), headers, request.id
+        )
         result = await self._pipeline.infer(endpoint, decoded.inputs, decoded.outputs, ctx, decoded.rows)
         return encode_infer_response(endpoint.name, request.id, result.outputs, result.variant)
 

@@ -73,7 +73,7 @@ class Tracing:
         )
         insecure = not endpoint.startswith("https://")
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=5)
-        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=500))
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=4096, schedule_delay_millis=500))
         self._provider = provider
         self.tracer = provider.get_tracer("infergate")
         log.info("exporting traces to %s", redact_url(endpoint))

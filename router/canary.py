@@ -24,6 +24,10 @@ run. Each closed window that lies wholly inside the current step is judged:
 - candidate error rate above the baseline's + ``max_error_rate_increase``, or candidate p99 above
   ``max_p99_latency_ratio`` x the baseline's p99: rolled back (candidate 0, baseline 100), state
   ``rolled_back``, with the reason;
+- when feedback labels arrive (the ``infergate.feedback.v1`` RPC, gateway/monitor.py) and both
+  variants have at least ``min_labels`` of them in the window: candidate accuracy below the
+  baseline's - ``max_accuracy_decrease``: rolled back. Labels count in the window they arrive in
+  (they come later than the calls they label); without labels this check is skipped;
 - otherwise healthy: the next step; after the last step the candidate is promoted to 100.
 
 Every weight change goes through the route store with the subject ``canary-controller`` and is
@@ -104,10 +108,18 @@ class VariantStats:
     errors: int = 0
     p99_s: float | None = None
     """None when no call succeeded."""
+    labelled: int = 0
+    """Feedback labels joined to this variant's predictions in the window."""
+    correct: int = 0
+    """Of those, the ones equal to the prediction."""
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
 
     @classmethod
     def from_fields(cls, variant: str, fields: Mapping[str, str]) -> VariantStats:
@@ -116,7 +128,13 @@ class VariantStats:
         for name, value in fields.items():
             if name.startswith(prefix):
                 counts[int(name[len(prefix):])] = int(value)
-        return cls(int(fields.get(f"{variant}:n", 0)), int(fields.get(f"{variant}:err", 0)), percentile(counts, 0.99))
+        return cls(
+            int(fields.get(f"{variant}:n", 0)),
+            int(fields.get(f"{variant}:err", 0)),
+            percentile(counts, 0.99),
+            int(fields.get(f"{variant}:lab", 0)),
+            int(fields.get(f"{variant}:ok", 0)),
+        )
 
 
 def percentile(bucket_counts: Mapping[int, int], q: float) -> float | None:
@@ -157,8 +175,18 @@ def judge(config: CanaryConfig, baseline: VariantStats, candidate: VariantStats)
             f"candidate p99 {candidate.p99_s * 1000:.1f} ms above {config.max_p99_latency_ratio:g} x baseline p99 "
             f"{baseline.p99_s * 1000:.1f} ms",
         )
+    labelled = min(baseline.labelled, candidate.labelled) >= max(config.min_labels, 1)
+    if labelled and candidate.accuracy < baseline.accuracy - config.max_accuracy_decrease:
+        return Verdict(
+            False,
+            f"candidate accuracy {candidate.accuracy:.3f} ({candidate.correct}/{candidate.labelled} labels) below "
+            f"baseline {baseline.accuracy:.3f} - {config.max_accuracy_decrease:g}",
+        )
     p99 = f"{candidate.p99_s * 1000:.1f} ms" if candidate.p99_s else "n/a"
-    return Verdict(True, f"candidate healthy: {candidate.requests} calls, error rate {candidate.error_rate:.3f}, p99 {p99}")
+    accuracy = f", accuracy {candidate.accuracy:.3f}" if labelled else ""
+    return Verdict(
+        True, f"candidate healthy: {candidate.requests} calls, error rate {candidate.error_rate:.3f}, p99 {p99}{accuracy}"
+    )
 
 
 @dataclass(frozen=True)
@@ -198,6 +226,8 @@ class _Tally:
     requests: int = 0
     errors: int = 0
     latency: dict[int, int] = field(default_factory=dict)
+    labelled: int = 0
+    correct: int = 0
 
 
 class CanaryController:
@@ -248,6 +278,17 @@ class CanaryController:
         else:
             bucket = bisect.bisect_left(LATENCY_BOUNDS_S, duration_s)
             tally.latency[bucket] = tally.latency.get(bucket, 0) + 1
+
+    def observe_label(self, variant: str, correct: bool) -> None:
+        """Count one feedback label joined to a prediction of ``variant`` (in the window it arrives in)."""
+        if variant not in self._watched:
+            return
+        key = (int(self._wall_clock() // self.config.interval_s), variant)
+        tally = self._pending.get(key)
+        if tally is None:
+            tally = self._pending[key] = _Tally()
+        tally.labelled += 1
+        tally.correct += int(correct)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -300,7 +341,11 @@ class CanaryController:
         async with self._store.client.pipeline(transaction=False) as pipe:
             for (window, variant), tally in pending.items():
                 key = window_key(self.model, window)
-                pipe.hincrby(key, f"{variant}:n", tally.requests)
+                if tally.requests:
+                    pipe.hincrby(key, f"{variant}:n", tally.requests)
+                if tally.labelled:
+                    pipe.hincrby(key, f"{variant}:lab", tally.labelled)
+                    pipe.hincrby(key, f"{variant}:ok", tally.correct)
                 if tally.errors:
                     pipe.hincrby(key, f"{variant}:err", tally.errors)
                 for bucket, count in tally.latency.items():

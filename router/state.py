@@ -47,6 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from infergate.gateway import metrics
 from infergate.gateway.config import ModelRouteConfig
 from infergate.gateway.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
 from infergate.gateway.redaction import redact_url
@@ -358,12 +359,14 @@ class RouteStore:
                     log.warning("route store reachable again; routes resynchronised")
                 outage_logged = False
                 self._connected = True
+                metrics.REDIS_UP.labels("route_store").set(1)
                 assert self._synced is not None
                 self._synced.set()
                 await self._follow(pubsub)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                metrics.REDIS_UP.labels("route_store").set(0)
                 if not outage_logged:
                     log.warning("route store unreachable (%s); serving the last known routes", exc.__class__.__name__)
                     outage_logged = True

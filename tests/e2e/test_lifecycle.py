@@ -22,9 +22,11 @@ import re
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
@@ -32,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from infergate.gateway import __version__
 from tests.conftest import running_gateway
 from tests.e2e.conftest import (
     CLIENT_TIMEOUT_S,
@@ -150,21 +153,39 @@ def test_idle_gateway_exits_0_on_signal(gateway_process, onnx_gateway_config, si
     assert_process_gone(pid)
 
 
-def test_several_workers_share_the_port_and_all_exit_0(gateway_process, onnx_gateway_config):
-    """workers: 2 -> two replicas on one port (SO_REUSEPORT), each with its own metrics port; SIGTERM stops all."""
+def test_several_workers_share_the_port_and_one_scrape_counts_them_all(gateway_process, onnx_gateway_config, tmp_path):
+    """workers: 2 -> two replicas on one port (SO_REUSEPORT); the supervisor's one metrics endpoint
+    sums both workers' counters (prometheus-client multiprocess mode); SIGTERM stops all."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
     config = dict(onnx_gateway_config, server={"workers": 2, "shutdown_grace_s": GRACE_S})
-    gateway = gateway_process(config, name="workers")
+    gateway = gateway_process(config, name="workers", extra_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     pid = gateway.process.pid
     wait_until(lambda: gateway.output.count("listening on port") == 2, 60.0, what="both workers listening")
     assert "cannot start" not in gateway.output
-    for _ in range(4):
+    metrics_port = int(re.search(r"supervising 2 workers, metrics_port (\d+)", gateway.output).group(1))
+    configured = int(yaml.safe_load(gateway.config_path.read_text())["server"]["metrics_listen"].rsplit(":", 1)[1])
+    assert metrics_port == configured
+    calls = 40
+    for _ in range(calls):  # a new connection each: the kernel spreads them over both workers
         assert_serves(gateway.url)
-    base = int(yaml.safe_load(gateway.config_path.read_text())["server"]["metrics_listen"].rsplit(":", 1)[1])
-    ports = sorted(int(port) for port in re.findall(r"listening on port \d+ metrics_port (\d+)", gateway.output))
-    assert ports == [base, base + 1]
-    for port in ports:
-        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=CLIENT_TIMEOUT_S)
-        assert page.status_code == 200 and "infergate_requests_total" in page.text, port
+    # Both workers recorded calls (one counter file per process; the supervisor's own, holding only
+    # label-less counters at 0, is not a worker's)...
+    writers = {path.name for path in metrics_dir.glob("counter_*.db")} - {f"counter_{pid}.db"}
+    assert len(writers) == 2, writers
+    # ...and one scrape adds them up, with the new series and without _created ones.
+    page = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=CLIENT_TIMEOUT_S).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    }
+    ok = samples[("infergate_requests_total", (("code", "OK"), ("model", "linear"), ("variant", "v1")))]
+    assert ok == calls
+    assert samples[("infergate_request_duration_seconds_count", (("model", "linear"), ("variant", "v1")))] == calls
+    assert samples[("infergate_in_flight_requests", (("model", "linear"),))] == 0
+    assert samples[("infergate_build_info", (("version", __version__),))] == 1
+    assert not [name for name, _ in samples if name.endswith("_created")]
     gateway.send(signal.SIGTERM)
     assert gateway.wait(GRACE_S + EXIT_MARGIN_S) == 0
     assert gateway.output.count("shutting down") == 2
@@ -233,22 +254,39 @@ async def test_stop_turns_health_not_serving_and_ends_watch_streams(onnx_gateway
     assert not gateway.ready
 
 
-def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path, onnx_gateway_config):
-    """workers: 2 with worker 1's metrics port taken: the service fails as a whole, it does not run at half size."""
+def test_a_worker_that_dies_takes_the_others_down(gateway_process, onnx_gateway_config):
+    """workers: 2 and one worker killed: the service fails as a whole (exit 1), it does not run at half size."""
+    config = dict(onnx_gateway_config, server={"workers": 2, "shutdown_grace_s": 2})
+    gateway = gateway_process(config, name="worker-dies")
+    wait_until(lambda: gateway.output.count("listening on port") == 2, 60.0, what="both workers listening")
+    pid = gateway.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    workers = [int(child) for child in children if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()]
+    assert workers, children
+    os.kill(workers[0], signal.SIGKILL)
+    assert gateway.wait(GRACE_S + EXIT_MARGIN_S) == 1
+    assert "worker exited with code -9; stopping the others" in gateway.output
+    assert "Traceback" not in gateway.output
+    gateway.stop()
+    assert_process_gone(pid)
+
+
+def test_metrics_port_taken_with_several_workers_fails_at_once(tmp_path, onnx_gateway_config):
+    """The supervisor binds metrics_listen before it starts workers: a taken port is one clear error, exit 1."""
     import socket
     import subprocess
     import sys
 
     from infergate.gateway.local_redis import free_port
 
-    base = free_port()
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        blocker.bind(("127.0.0.1", base + 1))
+        blocker.bind(("127.0.0.1", 0))
         blocker.listen()
+        taken = blocker.getsockname()[1]
         config = dict(onnx_gateway_config, server={"workers": 2, "listen": f"127.0.0.1:{free_port()}",
-                                                   "metrics_listen": f"127.0.0.1:{base}", "shutdown_grace_s": 2})
+                                                   "metrics_listen": f"127.0.0.1:{taken}", "shutdown_grace_s": 2})
         path = tmp_path / "workers.yaml"
         path.write_text(yaml.safe_dump(config))
         done = subprocess.run([sys.executable, "-m", "infergate", "serve", "--config", str(path)],
@@ -257,5 +295,6 @@ def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path, onnx_gateway
         blocker.close()
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
-    assert "worker exited with code 1; stopping the others" in output
+    assert f"cannot start: server.metrics_listen: cannot bind 127.0.0.1:{taken}" in output
+    assert "listening on port" not in output
     assert "Traceback" not in output

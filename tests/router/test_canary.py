@@ -115,6 +115,32 @@ def test_judge_rules():
     assert judge(config, VariantStats(0, 0, None), VariantStats(20, 0, 0.5)).healthy is True  # nothing to compare
 
 
+def test_judge_uses_accuracy_when_both_variants_have_enough_labels():
+    config = canary_config(min_labels=50, max_accuracy_decrease=0.02)
+    baseline = VariantStats(100, 0, 0.010, labelled=100, correct=90)
+    worse = VariantStats(20, 0, 0.010, labelled=60, correct=48)  # 0.80 < 0.90 - 0.02
+    verdict = judge(config, baseline, worse)
+    assert verdict.healthy is False
+    assert "accuracy 0.800 (48/60 labels) below baseline 0.900" in verdict.reason
+    assert judge(config, baseline, VariantStats(20, 0, 0.010, labelled=60, correct=53)).healthy is True  # 0.883
+    assert judge(config, baseline, VariantStats(20, 0, 0.010, labelled=49, correct=0)).healthy is True  # too few labels
+    assert judge(config, VariantStats(100, 0, 0.010), worse).healthy is True  # no baseline labels: no comparison
+
+
+async def test_labels_from_feedback_roll_back_a_less_accurate_candidate(redis_url, wall):
+    async with running_canary(redis_url, wall) as (store, c):
+        await next_window(c, wall)
+        traffic(c)
+        for index in range(100):
+            c.observe_label("v1", index % 10 != 0)  # 0.90
+            c.observe_label("v2", index % 2 == 0)  # 0.50
+        await next_window(c, wall)
+        status = await c.status()
+        assert await weights(store) == {"v1": 100, "v2": 0, "v1_cpu": 0}
+    assert status is not None and status.state == ROLLED_BACK
+    assert "candidate accuracy 0.500 (50/100 labels) below baseline 0.900" in status.last_reason
+
+
 def test_percentile_takes_the_bucket_bound():
     assert percentile({}, 0.99) is None
     value = percentile({10: 99, 50: 1}, 0.99)
