@@ -3,12 +3,16 @@
 Sessions run in a dedicated thread pool (``pool_threads``) so the event loop never blocks;
 providers come from config, so the CUDA provider is configuration only. When a caller's deadline
 passes during a run, the run is told to stop (``RunOptions.terminate``) and the caller gets
-DEADLINE_EXCEEDED at once.
+DEADLINE_EXCEEDED at once. A file whose variant names a ``sha256`` is hashed before ONNX Runtime
+reads it (in the pool, off the loop) and refused with ``ArtifactRejected`` when the digest differs;
+ONNX Runtime then loads the very bytes that were hashed (so such a model keeps its weights inside the
+file, not in external data files).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +24,7 @@ import onnxruntime as ort
 
 from infergate.backends.base import Backend, ModelSignature, TensorSpec
 from infergate.gateway.config import OnnxBackendConfig
-from infergate.gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from infergate.gateway.errors import ArtifactRejected, DeadlineExceeded, Internal, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +47,16 @@ _ORT_TYPES = {
 
 class OnnxBackend(Backend):
     def __init__(
-        self, name: str, config: OnnxBackendConfig, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        config: OnnxBackendConfig,
+        clock: Callable[[], float] = time.monotonic,
+        digests: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(name, clock)
         self._config = config
+        self._digests = dict(digests or {})
+        """Expected SHA-256 (lower-case hex) per model path; a path not named here is not checked."""
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._pool: ThreadPoolExecutor | None = None
 
@@ -78,6 +88,14 @@ class OnnxBackend(Backend):
         return _signature(session)
 
     def _open(self, path: str) -> ort.InferenceSession:
+        source: str | bytes = path
+        expected = self._digests.get(path)
+        if expected is not None:
+            # Hash the bytes ONNX Runtime is given, so a file swapped after the check is never run.
+            source = Path(path).read_bytes()
+            actual = hashlib.sha256(source).hexdigest()
+            if actual != expected:
+                raise ArtifactRejected(f"refused {path}: its sha256 is {actual}, the config names {expected}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self._config.intra_op_threads
         options.inter_op_num_threads = 1
@@ -89,7 +107,7 @@ class OnnxBackend(Backend):
         if not providers:
             raise Internal(f"backend {self.name}: none of the providers {list(self._config.providers)} is available")
         try:
-            return ort.InferenceSession(path, sess_options=options, providers=providers)
+            return ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise Internal(f"cannot load ONNX model {Path(path).name}: {exc}") from exc
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from infergate.backends.base import Backend, ModelSignature
+from infergate.backends.refused import RefusedModel
 from infergate.backends.resilience import CircuitBreaker
 from infergate.gateway import metrics
 from infergate.gateway.config import ModelRouteConfig
@@ -122,6 +123,12 @@ class ModelEndpoint:
         if self.config.batching is not None:
             return self.config.batching.max_batch_size
         return self.signature.max_batch_size
+
+    @property
+    def refusal(self) -> str:
+        """Why the model cannot serve at all: every variant's file was refused at load; "" otherwise."""
+        reasons = [v.backend.reason if isinstance(v.backend, RefusedModel) else "" for v in self.variants.values()]
+        return "; ".join(reasons) if all(reasons) else ""
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +25,7 @@ import tritonclient.grpc  # noqa: F401,E402
 
 from infergate.backends.base import Backend, ModelSignature
 from infergate.backends.onnx import OnnxBackend
+from infergate.backends.refused import RefusedModel
 from infergate.backends.resilience import ReadinessPoller, ResilientBackend, resilient
 from infergate.backends.triton import TritonBackend
 from infergate.gateway import metrics
@@ -32,7 +33,7 @@ from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from infergate.gateway.auth import AuthSetupError, Authenticator
 from infergate.gateway.config import GatewayConfig, ModelRouteConfig
-from infergate.gateway.errors import GatewayError
+from infergate.gateway.errors import ArtifactRejected, GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
@@ -75,9 +76,12 @@ class DrainingHealthServicer(health.aio.HealthServicer):
             self._server_watchers.pop(request.service, None)
 
 
-def build_backend(name: str, config, clock: Callable[[], float] = time.monotonic) -> Backend:
+def build_backend(
+    name: str, config, clock: Callable[[], float] = time.monotonic, digests: Mapping[str, str] | None = None
+) -> Backend:
+    """``digests``: expected SHA-256 per ONNX file path (``GatewayConfig.onnx_digests``)."""
     if config.kind == "onnx":
-        return OnnxBackend(name, config, clock)
+        return OnnxBackend(name, config, clock, digests)
     if config.kind == "triton":
         return TritonBackend(name, config, clock)
     raise StartupError(f"backends.{name}: unknown kind {config.kind!r}")
@@ -134,7 +138,7 @@ class Gateway:
             self.feature_store = FeatureStore(self.config.redis.url, self.config.feature_views, self._clock)
             await self.feature_store.start()
         for name, backend_config in self.config.backends.items():
-            backend = build_backend(name, backend_config, self._clock)
+            backend = build_backend(name, backend_config, self._clock, self.config.onnx_digests(name))
             self.backends[name] = backend
             self.resilient[name] = resilient(backend, backend_config, self._clock)
             await self.resilient[name].start()  # starts the backend it wraps
@@ -170,13 +174,21 @@ class Gateway:
             variant = Variant(model_name, name, backend, target, variant_config.fallback, backend.breaker)
             try:
                 await variant.load()
+            except ArtifactRejected as exc:
+                # Kept in the route, never ready: the refusal shows in ModelReady, health and the admin API.
+                log.error("models.%s.variants.%s: %s", model_name, name, exc.message)
+                variant = Variant(model_name, name, RefusedModel(backend, exc.message), target, variant_config.fallback)
+                variant.ready = False
             except GatewayError as exc:
                 raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
             variants[name] = variant
-        baseline = variants[model_config.baseline]
-        assert baseline.signature is not None
+        # The baseline's signature, or the first loaded variant's when the baseline's file was refused.
+        loaded = [variants[model_config.baseline], *variants.values()]
+        baseline = next((v for v in loaded if v.signature is not None), None)
+        if baseline is None:  # every file refused: the model is listed, never ready, its calls UNAVAILABLE
+            return ModelEndpoint(model_name, model_config, variants, ModelSignature((), (), batched=False))
         for name, variant in variants.items():
-            _check_compatible(model_name, model_config.baseline, baseline.signature, name, variant.signature)
+            _check_compatible(model_name, baseline.name, baseline.signature, name, variant.signature)
         for variant in variants.values():
             await self._start_resilience(variant, model_config)
         signature = baseline.signature
@@ -273,8 +285,9 @@ class Gateway:
         await self._health.set("", status)
         await self._health.set(INFERENCE_SERVICE, status)
         if self.pipeline is not None:
-            for model in self.pipeline.endpoints:
-                await self._health.set(model, status)
+            for model, endpoint in self.pipeline.endpoints.items():
+                refused = endpoint.refusal and status == health_pb2.HealthCheckResponse.SERVING
+                await self._health.set(model, health_pb2.HealthCheckResponse.NOT_SERVING if refused else status)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within the grace period, close backends."""

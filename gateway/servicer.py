@@ -149,7 +149,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async with status_boundary(context):
-            endpoint = self._endpoint(request.name, request.version)
+            endpoint = self._endpoint(request.name, request.version, refused_ok=True)
             return pb.ModelReadyResponse(ready=self._is_ready() and await self._any_variant_ready(endpoint))
 
     async def ServerMetadata(self, request, context):
@@ -296,7 +296,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _endpoint(self, model: str, version: str = "") -> ModelEndpoint:
+    def _endpoint(self, model: str, version: str = "", refused_ok: bool = False) -> ModelEndpoint:
         # Checked before the lookup: without `infer:*` an unknown model looks forbidden, so names
         # cannot be probed. This also covers an `x-infergate-variant` pin, which needs `infer:<model>`.
         if not current_identity.get().may_infer(model):
@@ -304,6 +304,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         endpoint = self._pipeline.endpoint(model)
         if version not in ("", "1"):
             raise NotFound(f"model {model!r} has no version {version!r}; the gateway serves version 1")
+        if endpoint.refusal and not refused_ok:  # no signature to validate against, nothing to serve
+            raise Unavailable(f"model {model!r} is not loaded: {endpoint.refusal}")
         return endpoint
 
     async def _any_variant_ready(self, endpoint: ModelEndpoint) -> bool:
