@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from infergate.backends.base import Backend, ModelSignature
-from infergate.backends.refused import RefusedModel
 from infergate.backends.resilience import CircuitBreaker
 from infergate.gateway import metrics
 from infergate.gateway.config import ModelRouteConfig
@@ -117,18 +116,14 @@ class ModelEndpoint:
     stats: "ModelStats" = field(default_factory=lambda: ModelStats())
     feature_store: "FeatureStore | None" = None
     """Where this model's online features come from (None when it has none)."""
+    refusal: str = ""
+    """Why the model cannot serve at all (every variant's file was refused at load); "" when it can."""
 
     @property
     def max_batch_size(self) -> int:
         if self.config.batching is not None:
             return self.config.batching.max_batch_size
         return self.signature.max_batch_size
-
-    @property
-    def refusal(self) -> str:
-        """Why the model cannot serve at all: every variant's file was refused at load; "" otherwise."""
-        reasons = [v.backend.reason if isinstance(v.backend, RefusedModel) else "" for v in self.variants.values()]
-        return "; ".join(reasons) if all(reasons) else ""
 
 
 @dataclass

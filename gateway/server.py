@@ -183,10 +183,11 @@ class Gateway:
                 raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
             variants[name] = variant
         # The baseline's signature, or the first loaded variant's when the baseline's file was refused.
-        loaded = [variants[model_config.baseline], *variants.values()]
-        baseline = next((v for v in loaded if v.signature is not None), None)
+        candidates = [variants[model_config.baseline], *variants.values()]
+        baseline = next((v for v in candidates if v.signature is not None), None)
         if baseline is None:  # every file refused: the model is listed, never ready, its calls UNAVAILABLE
-            return ModelEndpoint(model_name, model_config, variants, ModelSignature((), (), batched=False))
+            refusal = "; ".join(v.backend.reason for v in variants.values() if isinstance(v.backend, RefusedModel))
+            return ModelEndpoint(model_name, model_config, variants, ModelSignature((), (), batched=False), refusal=refusal)
         for name, variant in variants.items():
             _check_compatible(model_name, baseline.name, baseline.signature, name, variant.signature)
         for variant in variants.values():

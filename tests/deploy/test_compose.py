@@ -119,3 +119,9 @@ def test_the_gateway_config_points_at_the_compose_services():
     assert config.backends["triton_gpu"].url == "triton:8001"
     grace_s = compose()["services"]["gateway"]["stop_grace_period"]
     assert float(grace_s.rstrip("s")) > config.server.shutdown_grace_s
+
+
+def test_every_read_only_service_has_a_writable_tmp():
+    for name, service in compose()["services"].items():
+        if service.get("read_only"):
+            assert "/tmp" in service.get("tmpfs", []), name
