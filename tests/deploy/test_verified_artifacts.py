@@ -79,6 +79,21 @@ async def test_backend_loads_a_file_whose_digest_matches_and_refuses_one_that_di
     assert err.value.message == f"refused {other}: its sha256 is {sha256_of(models['linear_v2'])}, the config names {WRONG}"
 
 
+async def test_the_digest_is_checked_before_onnx_runtime_reads_the_file(tmp_path):
+    """Bytes that are not ONNX at all, with a wrong digest: refused for the digest (FAILED_PRECONDITION),
+    not failed by ONNX Runtime's parser (INTERNAL)."""
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an onnx model")
+    backend = OnnxBackend("onnx_test", OnnxBackendConfig(kind="onnx", intra_op_threads=1), digests={str(junk): WRONG})
+    await backend.start()
+    try:
+        with pytest.raises(ArtifactRejected) as err:
+            await backend.load(str(junk))
+    finally:
+        await backend.close()
+    assert err.value.message.startswith(f"refused {junk}: its sha256 is {hashlib.sha256(b'not an onnx model').hexdigest()}")
+
+
 async def test_a_good_digest_loads_and_serves(models):
     digest = sha256_of(models["linear_v1"])
     raw = config({"v1": {"backend": "onnx_cpu", "path": str(models["linear_v1"]), "sha256": digest.upper(), "weight": 1}})
