@@ -125,3 +125,16 @@ def test_every_read_only_service_has_a_writable_tmp():
     for name, service in compose()["services"].items():
         if service.get("read_only"):
             assert "/tmp" in service.get("tmpfs", []), name
+
+
+@pytest.mark.docker
+def test_the_stack_comes_up_with_one_command_and_a_sample_call_goes_through(docker):
+    """Where a Docker engine is present: `up --wait` (health checks included), then the sample call."""
+    compose_cmd = [docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "-p", "infergate-test"]
+    try:
+        subprocess.run([*compose_cmd, "up", "-d", "--build", "--wait", "--wait-timeout", "600"], check=True, timeout=2400)
+        call = subprocess.run([*compose_cmd, "run", "--rm", "sample-call"], capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run([*compose_cmd, "down", "-v", "--remove-orphans"], capture_output=True, timeout=300)
+    assert call.returncode == 0, call.stdout + call.stderr
+    assert "model classifier answered through variant" in call.stdout
