@@ -10,11 +10,16 @@ cost from every real run (a moving average), and runs a call inline when its est
 Providers come from config, so the CUDA provider is configuration only. When a caller's deadline
 passes during a pool run, the run is told to stop (``RunOptions.terminate``) and the caller gets
 DEADLINE_EXCEEDED at once; an inline run is short by construction and is not interrupted.
+A file whose variant names a ``sha256`` is hashed before ONNX Runtime reads it (in the pool, off
+the loop) and refused with ``ArtifactRejected`` when the digest differs; ONNX Runtime then loads the
+very bytes that were hashed (so such a model keeps its weights inside the file, not in external
+data files).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +32,7 @@ import onnxruntime as ort
 from infergate.backends.base import Backend, ModelSignature, TensorSpec
 from infergate.backends.datatypes import NUMPY_DTYPES
 from infergate.gateway.config import OnnxBackendConfig
-from infergate.gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from infergate.gateway.errors import ArtifactRejected, DeadlineExceeded, Internal, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +85,17 @@ class _LoadedModel:
 
 class OnnxBackend(Backend):
     def __init__(
-        self, name: str, config: OnnxBackendConfig, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        config: OnnxBackendConfig,
+        clock: Callable[[], float] = time.monotonic,
+        digests: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(name, clock)
         self._config = config
         self._models: dict[str, _LoadedModel] = {}
+        self._digests = dict(digests or {})
+        """Expected SHA-256 (lower-case hex) per model path; a path not named here is not checked."""
         self._pool: ThreadPoolExecutor | None = None
         self._inline_max_us = float(config.inline_max_us)
 
@@ -132,6 +143,14 @@ class OnnxBackend(Backend):
         return loaded.mode == "always"
 
     def _open(self, path: str) -> ort.InferenceSession:
+        source: str | bytes = path
+        expected = self._digests.get(path)
+        if expected is not None:
+            # Hash the bytes ONNX Runtime is given, so a file swapped after the check is never run.
+            source = Path(path).read_bytes()
+            actual = hashlib.sha256(source).hexdigest()
+            if actual != expected:
+                raise ArtifactRejected(f"refused {path}: its sha256 is {actual}, the config names {expected}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self._config.intra_op_threads
         options.inter_op_num_threads = 1
@@ -143,7 +162,7 @@ class OnnxBackend(Backend):
         if not providers:
             raise Internal(f"backend {self.name}: none of the providers {list(self._config.providers)} is available")
         try:
-            return ort.InferenceSession(path, sess_options=options, providers=providers)
+            return ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise Internal(f"cannot load ONNX model {Path(path).name}: {exc}") from exc
 

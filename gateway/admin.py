@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 
+from infergate.backends.refused import RefusedModel
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
 from infergate.gateway.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
@@ -93,8 +94,12 @@ def audit_to_pb(record: AuditRecord) -> pb.AuditEntry:
 
 
 def _health(endpoint: ModelEndpoint, name: str) -> str:
-    """``ok``, or ``down`` while the model reports not ready or its backend's breaker is open."""
-    return "ok" if endpoint.variants[name].available() else "down"
+    """``ok``; ``down`` while the model reports not ready or its backend's breaker is open;
+    ``refused: <why>`` when its model file was refused at load (a digest mismatch)."""
+    variant = endpoint.variants[name]
+    if isinstance(variant.backend, RefusedModel):
+        return f"refused: {variant.backend.reason}"
+    return "ok" if variant.available() else "down"
 
 
 def _log_change(action: str, identity: Identity, route: Route, reason: str) -> None:

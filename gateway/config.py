@@ -296,10 +296,22 @@ class VariantConfig(_Model):
     """Model name on a Triton backend."""
     path: Path | None = None
     """ONNX file for an onnx backend."""
+    sha256: str | None = None
+    """Expected SHA-256 of the ONNX file, 64 hex digits (``sha256sum`` output); a file that differs is refused."""
     weight: int = Field(0, ge=0, le=100000)
     """Initial share of traffic (relative to the other variants)."""
     fallback: str = ""
     """Variant that serves when this one's backend is down."""
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.strip().lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("must be 64 hex digits, the sha256sum of the file (without a 'sha256:' prefix)")
+        return digest
 
 
 class ShadowConfig(_Model):
@@ -442,6 +454,7 @@ class GatewayConfig(_Model):
         for model_name in self.monitoring.models:
             if model_name not in self.models:
                 raise ValueError(f"monitoring.models.{model_name}: unknown model {model_name!r}")
+        digests: dict[tuple[str, Path], str] = {}
         for model_name, model in self.models.items():
             for name, variant in model.variants.items():
                 where = f"models.{model_name}.variants.{name}"
@@ -450,6 +463,12 @@ class GatewayConfig(_Model):
                     raise ValueError(f"{where}.backend: unknown backend {variant.backend!r}")
                 if backend.kind == "onnx" and variant.path is None:
                     raise ValueError(f"{where}.path: required for an onnx backend")
+                if backend.kind != "onnx" and variant.sha256 is not None:
+                    raise ValueError(f"{where}.sha256: only an onnx backend loads a file the gateway can check")
+                if variant.sha256 is not None and variant.path is not None:
+                    known = digests.setdefault((variant.backend, variant.path), variant.sha256)
+                    if known != variant.sha256:
+                        raise ValueError(f"{where}.sha256: another variant names a different digest for {variant.path}")
                 if backend.kind == "triton" and not variant.model:
                     raise ValueError(f"{where}.model: required for a triton backend")
             if model.features and model.features.view not in self.feature_views:
@@ -457,6 +476,15 @@ class GatewayConfig(_Model):
             if model.features and not self.redis.url:
                 raise ValueError(f"models.{model_name}.features: online features need redis.url")
         return self
+
+    def onnx_digests(self, backend: str) -> dict[str, str]:
+        """Expected SHA-256 per ONNX file path for the variants that run on ``backend``."""
+        return {
+            str(variant.path): variant.sha256
+            for model in self.models.values()
+            for variant in model.variants.values()
+            if variant.backend == backend and variant.path is not None and variant.sha256 is not None
+        }
 
 
 def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -17,6 +17,7 @@ message and is logged with its traceback, never sent to the caller.
     ├── DeadlineExceeded       DEADLINE_EXCEEDED  the call's deadline passed
     ├── Aborted                ABORTED            stale revision in a compare-and-set
     ├── FailedPrecondition     FAILED_PRECONDITION
+    │   └── ArtifactRejected                      a model file's digest is not the configured one
     ├── Unimplemented          UNIMPLEMENTED
     └── Internal               INTERNAL           a bug or a backend's internal failure
 """
@@ -88,6 +89,10 @@ class Aborted(GatewayError):
 
 class FailedPrecondition(GatewayError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ArtifactRejected(FailedPrecondition):
+    """A model file is not the one the config names (its SHA-256 differs); it is never loaded."""
 
 
 class Unimplemented(GatewayError):

@@ -133,6 +133,9 @@ class ModelEndpoint:
     stats: "ModelStats" = field(default_factory=lambda: ModelStats())
     feature_store: "FeatureStore | None" = None
     """Where this model's online features come from (None when it has none)."""
+    refusal: str = ""
+    """Why the model cannot serve at all (every variant's file was refused at load); "" when it can."""
+
     in_flight: Any = field(init=False, repr=False)
     """This model's in-flight gauge, resolved once (``labels()`` costs more than ``inc()``)."""
 

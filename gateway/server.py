@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +25,7 @@ import tritonclient.grpc  # noqa: F401,E402
 
 from infergate.backends.base import Backend, ModelSignature
 from infergate.backends.onnx import OnnxBackend
+from infergate.backends.refused import RefusedModel
 from infergate.backends.resilience import ReadinessPoller, ResilientBackend, resilient
 from infergate.backends.triton import TritonBackend
 from infergate.gateway import __version__, metrics
@@ -32,7 +33,7 @@ from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from infergate.gateway.auth import AuthSetupError, Authenticator
 from infergate.gateway.config import GatewayConfig, ModelRouteConfig
-from infergate.gateway.errors import BackendUnavailable, GatewayError
+from infergate.gateway.errors import ArtifactRejected, BackendUnavailable, GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.feedback import add_feedback
 from infergate.gateway.logs import AccessLog
@@ -58,9 +59,12 @@ class StartupError(Exception):
     """The gateway cannot start with this config and these backends (exit code 1)."""
 
 
-def build_backend(name: str, config, clock: Callable[[], float] = time.monotonic) -> Backend:
+def build_backend(
+    name: str, config, clock: Callable[[], float] = time.monotonic, digests: Mapping[str, str] | None = None
+) -> Backend:
+    """``digests``: expected SHA-256 per ONNX file path (``GatewayConfig.onnx_digests``)."""
     if config.kind == "onnx":
-        return OnnxBackend(name, config, clock)
+        return OnnxBackend(name, config, clock, digests)
     if config.kind == "triton":
         return TritonBackend(name, config, clock)
     raise StartupError(f"backends.{name}: unknown kind {config.kind!r}")
@@ -124,7 +128,7 @@ class Gateway:
             self.feature_store = FeatureStore(self.config.redis.url, self.config.feature_views, self._clock)
             await self.feature_store.start()
         for name, backend_config in self.config.backends.items():
-            backend = build_backend(name, backend_config, self._clock)
+            backend = build_backend(name, backend_config, self._clock, self.config.onnx_digests(name))
             self.backends[name] = backend
             self.resilient[name] = resilient(backend, backend_config, self._clock)
             await self.resilient[name].start()  # starts the backend it wraps
@@ -180,6 +184,13 @@ class Gateway:
                             model_name, name, resilient_backend.name, exc.message)
                 variants[name] = _unreachable_variant(model_name, name, variant_config, resilient_backend)
                 unreachable.append(name)
+            except ArtifactRejected as exc:
+                # Kept in the route, never ready: the refusal shows in ModelReady, health and the admin API.
+                log.error("models.%s.variants.%s: %s", model_name, name, exc.message)
+                refused = RefusedModel(self.resilient[variant_config.backend], exc.message)
+                target = str(variant_config.path)
+                variants[name] = Variant(model_name, name, refused, target, None, variant_config.fallback)
+                variants[name].ready = False
         loaded = [v for v in variants.values() if v.signature is not None]
         # The baseline's signature, else (its backend is down) the first loaded variant's.
         baseline = variants[model_config.baseline]
@@ -191,6 +202,8 @@ class Gateway:
         endpoint = ModelEndpoint(model_name, model_config, variants, None, feature_store=feature_store)  # type: ignore[arg-type]
         if reference is not None:
             self._learn_signature(endpoint, reference)
+        elif not unreachable:  # every file refused: the model is listed, never ready, its calls UNAVAILABLE
+            endpoint.refusal = "; ".join(v.backend.reason for v in variants.values() if isinstance(v.backend, RefusedModel))
         for name in unreachable:
             task = asyncio.create_task(self._load_when_reachable(endpoint, name), name=f"load-{model_name}-{name}")
             self._late_loads.add(task)
@@ -256,8 +269,8 @@ class Gateway:
         target = str(variant_config.path) if backend_config.kind == "onnx" else variant_config.model
         try:
             signature = await resilient_backend.load(target)
-        except BackendUnavailable:
-            raise  # the caller decides: stand in for the variant and build it when reachable
+        except (BackendUnavailable, ArtifactRejected):
+            raise  # the caller decides: a stand-in for the variant (built later when its backend answers)
         except GatewayError as exc:
             raise StartupError(f"models.{model_name}.variants.{name}: {exc.message}") from exc
         stack: Backend = resilient_backend
@@ -359,7 +372,7 @@ class Gateway:
         await self._health.set(INFERENCE_SERVICE, status)
         if self.pipeline is not None:
             for model, endpoint in self.pipeline.endpoints.items():
-                served = endpoint.signature is not None and any(v.available() for v in endpoint.variants.values())
+                served = not endpoint.refusal and endpoint.signature is not None and any(v.available() for v in endpoint.variants.values())
                 # A model none of whose variants could be loaded yet is not serving, honestly.
                 await self._health.set(model, status if served else health_pb2.HealthCheckResponse.NOT_SERVING)
 

@@ -144,7 +144,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async with status_boundary(context):
-            endpoint = self._endpoint(request.name, request.version, loaded=False)
+            endpoint = self._endpoint(request.name, request.version, loaded=False, refused_ok=True)
             return pb.ModelReadyResponse(ready=self._is_ready() and await self._any_variant_ready(endpoint))
 
     async def ServerMetadata(self, request, context):
@@ -354,8 +354,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _endpoint(self, model: str, version: str = "", loaded: bool = True) -> ModelEndpoint:
-        """The model's endpoint; with ``loaded``, UNAVAILABLE while none of its variants could be loaded."""
+    def _endpoint(self, model: str, version: str = "", loaded: bool = True, refused_ok: bool = False) -> ModelEndpoint:
+        """The model's endpoint; with ``loaded``, UNAVAILABLE while none of its variants could be
+        loaded; unless ``refused_ok``, UNAVAILABLE when every variant's file was refused."""
         # Checked before the lookup: without `infer:*` an unknown model looks forbidden, so names
         # cannot be probed. This also covers an `x-infergate-variant` pin, which needs `infer:<model>`.
         if not current_identity.get().may_infer(model):
@@ -363,6 +364,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         endpoint = self._pipeline.endpoint(model)
         if version not in ("", "1"):
             raise NotFound(f"model {model!r} has no version {version!r}; the gateway serves version 1")
+        if endpoint.refusal and not refused_ok:  # no signature to validate against, nothing to serve
+            raise Unavailable(f"model {model!r} is not loaded: {endpoint.refusal}")
         if loaded and endpoint.signature is None:  # no variant's backend has been reachable since start
             raise Unavailable(f"model {model!r}: no backend of it is reachable yet")
         return endpoint
