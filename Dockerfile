@@ -19,7 +19,9 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
 RUN useradd --uid 10001 --no-create-home infergate
 USER 10001
 EXPOSE 8001 9091
-# Kubernetes probes use the gRPC health service on 8001 (no token needed).
+# Kubernetes probes use the gRPC health service on 8001 (no token needed); so does Docker's check.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["infergate", "health", "--gateway", "127.0.0.1:8001", "--timeout-s", "3"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["infergate"]
 CMD ["serve", "--config", "/etc/infergate/infergate.yaml"]
