@@ -387,6 +387,22 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
     return parse_config(raw)
 
 
+def missing_model_files(config: GatewayConfig) -> list[str]:
+    """What ``serve`` would reject at start-up and the schema cannot see: ONNX variants whose model
+    file is missing, one ``models.M.variants.V.path: model file not found: PATH`` line each.
+
+    Not part of validation, so that a config can be checked and built where its models are not
+    (tests, a build machine); ``infergate check-config`` asks for it.
+    """
+    missing = []
+    for model_name, model in config.models.items():
+        for name, variant in model.variants.items():
+            backend = config.backends[variant.backend]
+            if backend.kind == "onnx" and variant.path is not None and not variant.path.is_file():
+                missing.append(f"models.{model_name}.variants.{name}.path: model file not found: {variant.path}")
+    return missing
+
+
 def parse_config(raw: dict[str, Any]) -> GatewayConfig:
     """Validate an already-loaded mapping (tests and the demo build configs in code)."""
     try:
@@ -395,9 +411,25 @@ def parse_config(raw: dict[str, Any]) -> GatewayConfig:
         error = exc.errors()[0]
         key = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part))
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(str(error["loc"][-1]))
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
         # Cross-field checks on the whole file already start their message with the key.
         raise ConfigError(f"{key}: {message}{more}" if key else f"{message}{more}") from exc
+
+
+def _did_you_mean(key: str) -> str:
+    """``"; did you mean 'max_delay_us'?"`` when a known key is close to ``key``, else ``""``."""
+    import difflib
+
+    known: set[str] = set()
+    pending: list[type] = [_Model]
+    while pending:
+        for model in pending.pop().__subclasses__():
+            known.update(model.model_fields)
+            pending.append(model)
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _is_union_tag(part: object) -> bool:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from infergate.gateway.cli.common import EXIT_ERROR, fail, load_config_or_exit, setup_logging
+from infergate.gateway.cli.common import EXIT_CONFIG, EXIT_ERROR, fail, load_config_or_exit, setup_logging
 
 commands = typer.Typer()
 
@@ -46,8 +46,14 @@ def demo(
 
 @commands.command("check-config")
 def check_config(config: Path = typer.Argument(..., help="YAML config file.")) -> None:
-    """Validate a config file and exit (0 when it is good, 2 with the problem when not)."""
+    """Validate a config file and its model files; exit 0 when good, 2 with the problem when not."""
+    from infergate.gateway.config import missing_model_files
+
     gateway_config = load_config_or_exit(config)
+    missing = missing_model_files(gateway_config)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise fail(f"config error: {missing[0]}{more}", EXIT_CONFIG)
     typer.echo(f"ok: {len(gateway_config.models)} model(s), {len(gateway_config.backends)} backend(s)")
 
 

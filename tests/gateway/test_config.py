@@ -52,7 +52,8 @@ BAD_CONFIGS = [
     ("tabs-not-yaml", "server:\n\tlisten: x\n", ["not valid YAML"]),
     ("top-level-list", "- server\n- models\n", ["top level must be a mapping"]),
     ("top-level-scalar", "just words\n", ["top level must be a mapping"]),
-    ("unknown-key", "server:\n  listn: 127.0.0.1:1\n", ["server.listn", "not permitted"]),
+    ("unknown-key", "server:\n  listn: 127.0.0.1:1\n", ["server.listn: unknown key; did you mean 'listen'?"]),
+    ("unknown-batching-key", with_models("    batching: {max_delay_ms: 2}\n"), ["models.m.batching.max_delay_ms: unknown key; did you mean 'max_delay_us'?"]),
     ("unknown-section", "servre: {}\n", ["servre"]),
     ("wrong-type", "server:\n  workers: many\n", ["server.workers", "integer"]),
     ("section-not-mapping", "server: 5\n", ["server"]),
@@ -181,6 +182,13 @@ def test_startup_problem_exits_1_with_one_line(tmp_path, model_paths):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("infergate: cannot start: models.linear.variants.v1"), last
     assert "missing.onnx" in last
+
+
+def test_check_config_catches_the_missing_model_file_that_serve_would_reject(tmp_path, model_paths):
+    config = onnx_config(model_paths)
+    config["models"]["linear"]["variants"]["v1"]["path"] = str(tmp_path / "missing.onnx")
+    result = run_cli("check-config", str(write_yaml(tmp_path / "c.yaml", config)))
+    assert_one_line_config_error(result, ["models.linear.variants.v1.path: model file not found: ", "missing.onnx"])
 
 
 def test_listen_address_in_use_exits_1_with_one_line(tmp_path, model_paths):
