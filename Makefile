@@ -33,7 +33,11 @@ demo: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || $(MAKE) --no-print-directory system-deps || echo "redis-server not installed: the demo runs without Redis"
 	$(VENV)/bin/infergate demo
 
+# CONFIG defaults to the commented starter; its models are written beside it on first use.
+CONFIG ?= examples/infergate.yaml
 serve: $(STAMP)
+	@if [ "$(CONFIG)" = examples/infergate.yaml ] && [ ! -f examples/models/classifier_v1.onnx ]; then \
+	  $(VENV)/bin/infergate demo --export examples; fi
 	$(VENV)/bin/infergate serve --config $(CONFIG)
 
 proto: $(STAMP)

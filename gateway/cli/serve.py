@@ -36,10 +36,25 @@ def demo(
     redis_url: str = typer.Option("", help="Use this Redis instead of starting a local redis-server."),
     serve_after: bool = typer.Option(False, "--serve", help="Keep the gateway running after the sample calls."),
     port: int = typer.Option(0, help="Port for the gateway (0 picks a free one)."),
+    export: Optional[Path] = typer.Option(
+        None, "--export", help="Write the demo's models and a commented infergate.yaml into DIR, then exit.", metavar="DIR"
+    ),
+    force: bool = typer.Option(False, "--force", help="With --export: overwrite an infergate.yaml you changed."),
 ) -> None:
     """Start a gateway on a bundled ONNX model, make sample calls with tritonclient, print the answers."""
     setup_logging("warning")
-    from infergate.gateway.demo import run_demo
+    from infergate.gateway.demo import ExportError, export_demo, run_demo
+
+    if export is not None:
+        try:
+            written = export_demo(export, force)
+        except ExportError as exc:
+            raise fail(str(exc)) from None
+        except OSError as exc:
+            raise fail(f"--export {export}: {exc.strerror or exc}", EXIT_ERROR) from None
+        typer.echo("wrote " + ", ".join(str(path) for path in written))
+        typer.echo(f"next: infergate serve --config {written[0]}")
+        return
 
     raise typer.Exit(asyncio.run(run_demo(redis_url=redis_url, serve_after=serve_after, port=port)))
 
