@@ -1,7 +1,7 @@
 """The three outputs of ``infergate bench``: ``results.json``, ``report.md`` and ``latency.png``.
 
 ``results.json`` is ``{"machine", "date", "command", ..., "results": [rows], "ratios": [...]}`` where
-a row has the fields of DESIGN.md (``target, concurrency, rate, rps, p50_ms, p90_ms, p99_ms,
+a row has the documented fields (``target, concurrency, rate, rps, p50_ms, p90_ms, p99_ms,
 p999_ms, errors, error_codes``), the server's CPU per call (``server_cpu_ms_per_call``, null when
 its process is unknown), how busy the busiest load process was (``load_cpu_busy``), the host's
 1-minute load average after the run, and with several rounds each round's figures

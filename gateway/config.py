@@ -1,4 +1,4 @@
-"""Typed, validated configuration: the YAML file of DESIGN.md plus ``INFERGATE_...`` overrides.
+"""Typed, validated configuration: the YAML file (README, "Configuration reference") plus ``INFERGATE_...`` overrides.
 
 ``load_config(path)`` is the only way in. It reads the YAML, overlays environment variables
 (``INFERGATE_SERVER__LISTEN=0.0.0.0:9000``: double underscore separates levels; a value is the

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 OPEN_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
-"""Services callers reach without a token (DESIGN.md: health and discovery)."""
+"""Services callers reach without a token (health and discovery, as Kubernetes probes and grpcurl expect)."""
 
 REJECT_DRAIN_S = 0.5
 REJECT_DRAIN_MESSAGES = 64

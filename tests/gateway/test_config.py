@@ -386,7 +386,7 @@ models:
 
 
 def test_the_design_example_loads(tmp_path):
-    """The config of DESIGN.md (without its optional TLS files) is valid as written."""
+    """The full example config (every section, without its optional TLS files) is valid as written."""
     path = tmp_path / "infergate.yaml"
     path.write_text(DESIGN_EXAMPLE, encoding="utf-8")
     config = load_config(path, environ={})
