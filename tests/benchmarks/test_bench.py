@@ -16,7 +16,7 @@ from infergate.benchmarks.cpus import format_cpu_list, usable_cpus
 from infergate.benchmarks.scenarios import CeilingProcess, gateway_config
 from infergate.gateway.demo_models import LinearClassifier
 from infergate.gateway.local_redis import free_port
-from tests.auth.certs import make_pki
+from tests.gateway.auth.certs import make_pki
 
 INFERGATE = Path(sys.executable).with_name("infergate")  # the installed console script, as users run it
 ROOT = Path(__file__).resolve().parents[2]
