@@ -28,7 +28,9 @@ class ConfigError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # use_attribute_docstrings: the docstring under each field is its description (config_doc.py
+    # renders the README's reference from it).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class TlsConfig(_Model):
@@ -335,12 +337,19 @@ class ModelRouteConfig(_Model):
 
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
+    """Where the gateway listens, its limits and its TLS."""
     auth: AuthConfig = AuthConfig()
+    """Who may call: JWT bearer tokens with scopes, and per-tenant rate limits."""
     redis: RedisConfig = RedisConfig()
+    """Shared route state (weights, revisions, audit log, canary lease) and online features."""
     telemetry: TelemetryConfig = TelemetryConfig()
+    """OpenTelemetry traces."""
     backends: dict[str, BackendConfig] = {}
+    """Where variants run, by name: a Triton server, or ONNX Runtime in process."""
     feature_views: dict[str, FeatureViewConfig] = {}
+    """Online feature views in Redis, by name, that models can fetch inputs from."""
     models: dict[str, ModelRouteConfig] = {}
+    """The models callers ask for, by name, each with its variants and how calls are routed among them."""
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
