@@ -109,6 +109,13 @@ def token_command(
         )
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise _fail(f"cannot sign with this key and --algorithm {algorithm}: {type(exc).__name__}") from None
+    defaults = [f"{name} {value!r}" for name, given, value in (("issuer", issuer, DEFAULT_ISSUER), ("audience", audience, DEFAULT_AUDIENCE)) if not given]
+    if defaults:  # on stderr, so that $(infergate token ...) still captures the token alone
+        typer.echo(
+            f"infergate token: warning: {' and '.join(defaults)} are development defaults; a gateway whose "
+            "auth.issuer/auth.audience differ rejects this token (pass --config FILE, or --issuer/--audience)",
+            err=True,
+        )
     typer.echo(token)
 
 

@@ -105,3 +105,21 @@ def test_route_tables_are_never_truncated_when_piped(capsys):
         assert text in out
     assert "…" not in out and "..." not in out
     assert max(len(line) for line in out.splitlines()) > 80  # wider than rich's default for a pipe
+
+
+def test_token_with_default_issuer_and_audience_warns_on_stderr_and_prints_the_token_alone(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = tmp_path / "dev.pem"
+    key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    defaults = subprocess.run([sys.executable, "-m", "infergate", "token", "--key", str(key)],
+                              capture_output=True, text=True, timeout=60)
+    explicit = subprocess.run([sys.executable, "-m", "infergate", "token", "--key", str(key), "--issuer", "me", "--audience", "gw"],
+                              capture_output=True, text=True, timeout=60)
+    assert defaults.returncode == 0 and explicit.returncode == 0, defaults.stderr + explicit.stderr
+    assert len(defaults.stdout.strip().split(".")) == 3 and "\n" not in defaults.stdout.strip()  # a JWT, alone
+    assert "issuer 'infergate-dev' and audience 'infergate' are development defaults" in defaults.stderr
+    assert "--config FILE" in defaults.stderr
+    assert explicit.stderr == ""
