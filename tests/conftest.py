@@ -34,7 +34,7 @@ TIER_FIXTURES = {
     "triton": {"triton_server", "triton_gateway"},
     "subprocess": {"gateway_process", "onnx_gateway", "triton_gateway", "triton_server", "redis_server"},
 }
-_SPAWNS = re.compile(r"\bsubprocess\.(run|Popen|check_output|check_call)\b|\b[A-Z]\w*Process\(|create_subprocess_exec")
+_SPAWNS = re.compile(r"\bsubprocess\.(run|Popen|check_output|check_call)\b|\b(?!Completed)[A-Z]\w*Process\(|create_subprocess_exec")
 
 
 def _spawning_helpers(tree: Path) -> set[str]:

@@ -25,7 +25,8 @@ def test_markers_follow_fixtures_and_process_starts(request):
     state = "tests/router/test_state.py"
     slow = _collected("redis or triton or subprocess", config, triton, state)  # one collection: it is slow
     assert "test_config_is_frozen" not in slow  # in process, nothing started: the fast tier
-    assert "test_check_config_rejects_bad_file[unknown-key]" in slow  # runs the CLI through run_cli
+    assert "test_check_config_rejects_bad_file[unknown-key]" not in slow  # the CLI in process (CliRunner)
+    assert "test_the_installed_command_rejects_a_bad_file_in_one_line" in slow  # through run_cli_process
     assert "test_startup_problem_exits_1_with_one_line" in slow
     assert "test_infer_matches_the_reference" in slow  # triton_server
     assert "test_a_change_reaches_another_replica_within_a_second" in slow  # redis_url
