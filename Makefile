@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test serve install system-deps proto proto-check bench clean
+.PHONY: demo test test-fast serve install system-deps proto proto-check bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"' || { echo "need Python 3.11+ (set PYTHON=...)"; exit 1; }
@@ -35,7 +35,11 @@ demo: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || $(MAKE) --no-print-directory system-deps || echo "redis-server not installed: the demo runs without Redis"
 	$(VENV)/bin/infergate demo
 
+# CONFIG defaults to the commented starter; its models are written beside it on first use.
+CONFIG ?= examples/infergate.yaml
 serve: $(STAMP)
+	@if [ "$(CONFIG)" = examples/infergate.yaml ] && [ ! -f examples/models/classifier_v1.onnx ]; then \
+	  $(VENV)/bin/infergate demo --export examples; fi
 	$(VENV)/bin/infergate serve --config $(CONFIG)
 
 proto: $(STAMP)
@@ -46,6 +50,10 @@ proto-check: $(STAMP)
 
 test: $(STAMP) system-deps proto-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The pure tier: no Redis, no Triton, no processes started (markers applied from the fixtures used).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not redis and not triton and not subprocess" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/infergate bench --scenario serving --concurrency 1,32 --duration-s 8 --out bench-out

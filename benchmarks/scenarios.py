@@ -1,13 +1,18 @@
 """Scenarios ``infergate bench --scenario NAME`` starts by itself, each server in a process of its own.
 
 ``serving``: the gateway (``infergate serve``) over ONNX Runtime on the bundled ``LinearClassifier``
-with batching off, and the ceiling server (``benchmarks.ceiling_server``); with Triton, also a real
-Triton (nvidia-pytriton's binary serving the same classifier as ``linear_v1``) called directly and
-through the gateway. Everything listens on free loopback ports and is stopped on the way out.
+with batching off, the lean server (``benchmarks.lean_server``: parse, one ONNX run inline, encode)
+on the same model file, and the ceiling server (``benchmarks.ceiling_server``: a fixed answer);
+with Triton, also a real Triton (nvidia-pytriton's binary serving the same classifier as
+``linear_v1``) called directly and through the gateway. Everything listens on free loopback ports,
+starts on the CPUs given (``server_cpus``, inherited by every thread and child of the servers) and
+is stopped on the way out. Each target carries its process id, for its CPU time, and a one-line
+description for the report.
 
 The server processes come from ``tests/support/processes.py``, so scenarios run from a source
-checkout (``tests`` is not part of the installed package); ``--target`` benches running servers
-from anywhere.
+checkout (``tests`` is not part of the installed package; importing this module outside one raises
+``ModuleNotFoundError`` for ``tests``, which ``infergate bench`` turns into an explained refusal);
+``--target`` benches running servers from anywhere.
 """
 
 from __future__ import annotations
@@ -15,20 +20,22 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from infergate.benchmarks.bench import Target
+from infergate.benchmarks.cpus import children_pinned_to
 from infergate.gateway.demo_models import LinearClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tests/support lives in the checkout, beside this package
+if (ROOT / "tests" / "support").is_dir() and str(ROOT) not in sys.path:  # tests/support lives in the checkout, beside this package
     sys.path.insert(0, str(ROOT))
 
 from tests.support.processes import GatewayProcess, TritonProcess, _Process, _python_env  # noqa: E402
 
 SCENARIOS = ("serving", "observability")  # observability: benchmarks/observability_scenario.py
 CEILING_START_TIMEOUT_S = 30.0
+LEAN_START_TIMEOUT_S = 30.0
 MODEL = "classifier"
 TRITON_MODEL = "linear_v1"  # tests/support/triton_models.py: LinearClassifier.random(seed=1), as here
 GATEWAY_TRITON_MODEL = "classifier_triton"
@@ -52,6 +59,24 @@ class CeilingProcess(_Process):
         return self
 
 
+class LeanProcess(_Process):
+    """``python -m infergate.benchmarks.lean_server`` on a free port, serving ``model_path``."""
+
+    def __init__(self, model_path: Path, log_dir: Path) -> None:
+        self.port: int | None = None
+        argv = [sys.executable, "-m", "infergate.benchmarks.lean_server", "--model", str(model_path), "--port", "0"]
+        super().__init__(argv, log_dir / "lean.log", _python_env())
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> LeanProcess:
+        match = self._spawn(re.compile(r"lean server listening on port (\d+)"), LEAN_START_TIMEOUT_S)
+        self.port = int(match.group(1))
+        return self
+
+
 def gateway_config(model_path: Path, triton_url: str | None = None) -> dict:
     """The gateway of the serving scenario: auth off, no Redis, no batching, one ONNX thread per run."""
     backends: dict = {"onnx_cpu": {"kind": "onnx", "providers": ["CPUExecutionProvider"], "intra_op_threads": 1}}
@@ -68,29 +93,58 @@ def gateway_config(model_path: Path, triton_url: str | None = None) -> dict:
     }
 
 
+Phase = Callable[[str, float], contextlib.AbstractContextManager]
+"""``phase(label, expected_s)``: a progress display around a step that may take a while."""
+
+
 @contextlib.contextmanager
-def serving(workdir: Path, with_triton: bool = False) -> Iterator[list[Target]]:
-    """Start the serving scenario's servers and yield its targets; every process is stopped after."""
+def _quiet_phase(label: str, expected_s: float) -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def serving(
+    workdir: Path, with_triton: bool = False, server_cpus: frozenset[int] | None = None, phase: Phase = _quiet_phase
+) -> Iterator[list[Target]]:
+    """Start the serving scenario's servers on ``server_cpus`` and yield its targets; all are stopped after."""
     workdir.mkdir(parents=True, exist_ok=True)
     started: list[_Process] = []
+
+    def start(process: _Process, label: str, expected_s: float) -> None:
+        started.append(process)
+        with phase(f"starting {label}", expected_s), children_pinned_to(server_cpus):
+            process.start()
+
     try:
         model_path = LinearClassifier.random(seed=1).save(workdir / f"{MODEL}.onnx")
         triton = None
         if with_triton:
             triton = TritonProcess(workdir)
-            started.append(triton)
-            triton.start()
+            start(triton, "Triton (nvidia-pytriton)", 30.0)
         gateway = GatewayProcess(gateway_config(model_path, triton.url if triton else None), workdir)
-        started.append(gateway)
-        gateway.start()
+        start(gateway, "the gateway", 5.0)
+        lean = LeanProcess(model_path, workdir)
+        start(lean, "the lean server", 2.0)
         ceiling = CeilingProcess(workdir)
-        started.append(ceiling)
-        ceiling.start()
-        targets = [Target("ceiling", ceiling.url, MODEL), Target("gateway-onnx", gateway.url, MODEL)]
+        start(ceiling, "the ceiling server", 2.0)
+        model = f"LinearClassifier 16 -> 4 ({model_path.name})"
+        targets = [
+            Target("ceiling", ceiling.url, MODEL, pid=ceiling.process.pid,
+                   description="benchmarks/ceiling_server.py: grpc.aio answering every call with one fixed response "
+                               "(parse and serialize only): the most a Python gRPC server can do here"),
+            Target("lean", lean.url, MODEL, pid=lean.process.pid,
+                   description=f"benchmarks/lean_server.py: grpc.aio, np.frombuffer, ONNX Runtime inline (1 thread), "
+                               f"encode; nothing else. {model}: the floor for real work per call"),
+            Target("gateway-onnx", gateway.url, MODEL, compare_to="lean", pid=gateway.process.pid,
+                   description=f"infergate serve: auth off, no Redis, one ONNX variant, batching off, 1 worker. {model}"),
+        ]
         if triton is not None:
             targets += [
-                Target("triton", triton.url, TRITON_MODEL),
-                Target("gateway-triton", gateway.url, GATEWAY_TRITON_MODEL, compare_to="triton"),
+                Target("triton", triton.url, TRITON_MODEL, pid=triton.process.pid,
+                       description="Triton Inference Server (nvidia-pytriton's binary), the same classifier as a "
+                                   "Python-backend model, called directly"),
+                Target("gateway-triton", gateway.url, GATEWAY_TRITON_MODEL, compare_to="triton", pid=gateway.process.pid,
+                       description="infergate serve in front of that Triton (the gateway's CPU time only)"),
             ]
         yield targets
     finally:
@@ -99,7 +153,9 @@ def serving(workdir: Path, with_triton: bool = False) -> Iterator[list[Target]]:
 
 
 @contextlib.contextmanager
-def start_scenario(name: str, workdir: Path, with_triton: bool = False) -> Iterator[list[Target]]:
+def start_scenario(
+    name: str, workdir: Path, with_triton: bool = False, server_cpus: frozenset[int] | None = None, phase: Phase = _quiet_phase
+) -> Iterator[list[Target]]:
     """The servers of scenario ``name`` (one of ``SCENARIOS``), running for the duration of the block."""
     if name == "observability":
         from infergate.benchmarks.observability_scenario import observability
@@ -109,5 +165,5 @@ def start_scenario(name: str, workdir: Path, with_triton: bool = False) -> Itera
         return
     if name != "serving":
         raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
-    with serving(workdir, with_triton) as targets:
+    with serving(workdir, with_triton, server_cpus, phase) as targets:
         yield targets

@@ -1,4 +1,4 @@
-"""Typed, validated configuration: the YAML file of DESIGN.md plus ``INFERGATE_...`` overrides.
+"""Typed, validated configuration: the YAML file (README, "Configuration reference") plus ``INFERGATE_...`` overrides.
 
 ``load_config(path)`` is the only way in. It reads the YAML, overlays environment variables
 (``INFERGATE_SERVER__LISTEN=0.0.0.0:9000``: double underscore separates levels; a value is the
@@ -28,7 +28,9 @@ class ConfigError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # use_attribute_docstrings: the docstring under each field is its description (config_doc.py
+    # renders the README's reference from it).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class TlsConfig(_Model):
@@ -440,14 +442,23 @@ class MonitoringConfig(_Model):
 
 class GatewayConfig(_Model):
     server: ServerConfig = ServerConfig()
+    """Where the gateway listens, its limits and its TLS."""
     auth: AuthConfig = AuthConfig()
+    """Who may call: JWT bearer tokens with scopes, and per-tenant rate limits."""
     redis: RedisConfig = RedisConfig()
+    """Shared route state (weights, revisions, audit log, canary lease) and online features."""
     telemetry: TelemetryConfig = TelemetryConfig()
+    """OpenTelemetry traces."""
     backends: dict[str, BackendConfig] = {}
+    """Where variants run, by name: a Triton server, or ONNX Runtime in process."""
     feature_views: dict[str, FeatureViewConfig] = {}
+    """Online feature views in Redis, by name, that models can fetch inputs from."""
     models: dict[str, ModelRouteConfig] = {}
+    """The models callers ask for, by name, each with its variants and how calls are routed among them."""
     monitoring: MonitoringConfig = MonitoringConfig()
+    """Model monitoring in the request path: drift against a reference profile, class shares, feedback accuracy."""
     logging: LoggingConfig = LoggingConfig()
+    """Log format (text or JSON with trace ids) and the access log."""
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -513,6 +524,22 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
     return parse_config(raw)
 
 
+def missing_model_files(config: GatewayConfig) -> list[str]:
+    """What ``serve`` would reject at start-up and the schema cannot see: ONNX variants whose model
+    file is missing, one ``models.M.variants.V.path: model file not found: PATH`` line each.
+
+    Not part of validation, so that a config can be checked and built where its models are not
+    (tests, a build machine); ``infergate check-config`` asks for it.
+    """
+    missing = []
+    for model_name, model in config.models.items():
+        for name, variant in model.variants.items():
+            backend = config.backends[variant.backend]
+            if backend.kind == "onnx" and variant.path is not None and not variant.path.is_file():
+                missing.append(f"models.{model_name}.variants.{name}.path: model file not found: {variant.path}")
+    return missing
+
+
 def parse_config(raw: dict[str, Any]) -> GatewayConfig:
     """Validate an already-loaded mapping (tests and the demo build configs in code)."""
     try:
@@ -521,9 +548,25 @@ def parse_config(raw: dict[str, Any]) -> GatewayConfig:
         error = exc.errors()[0]
         key = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part))
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(str(error["loc"][-1]))
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
         # Cross-field checks on the whole file already start their message with the key.
         raise ConfigError(f"{key}: {message}{more}" if key else f"{message}{more}") from exc
+
+
+def _did_you_mean(key: str) -> str:
+    """``"; did you mean 'max_delay_us'?"`` when a known key is close to ``key``, else ``""``."""
+    import difflib
+
+    known: set[str] = set()
+    pending: list[type] = [_Model]
+    while pending:
+        for model in pending.pop().__subclasses__():
+            known.update(model.model_fields)
+            pending.append(model)
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _is_union_tag(part: object) -> bool:

@@ -25,6 +25,36 @@ from infergate.gateway.redaction import redact_url
 from infergate.gateway.server import Gateway, StartupError
 
 SAMPLE_CALLS = 12
+STARTER_CONFIG = "starter.yaml"
+"""The commented starter config (package data; ``examples/infergate.yaml`` is the same file)."""
+
+
+class ExportError(Exception):
+    """The export would overwrite something the user changed; the message says what."""
+
+
+def starter_config_text() -> str:
+    from importlib.resources import files
+
+    return files("infergate.gateway").joinpath(STARTER_CONFIG).read_text(encoding="utf-8")
+
+
+def export_demo(directory: Path, force: bool = False) -> list[Path]:
+    """Write the demo's two models (``models/classifier_v1.onnx``, ``_v2``) and the commented
+    ``infergate.yaml`` that serves them into ``directory``; the paths written.
+
+    An existing ``infergate.yaml`` that differs from the starter is kept unless ``force``.
+    """
+    config = directory / "infergate.yaml"
+    text = starter_config_text()
+    if config.exists() and not force and config.read_text(encoding="utf-8") != text:
+        raise ExportError(f"{config} exists and differs from the starter config; keep it, or --force to overwrite")
+    (directory / "models").mkdir(parents=True, exist_ok=True)
+    written = [
+        LinearClassifier.random(seed=seed).save(directory / "models" / f"classifier_v{seed}.onnx") for seed in (1, 2)
+    ]
+    config.write_text(text, encoding="utf-8")
+    return [config, *written]
 
 
 def demo_config(model_dir: Path, port: int, redis_url: str) -> dict:

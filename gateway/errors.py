@@ -3,7 +3,7 @@
 Every error that can reach a caller is a ``GatewayError`` subclass that knows its gRPC status code.
 Domain code raises these; backends translate their own failures at the backend edge with
 ``raise ... from exc`` so the cause is kept for logs; the servicers map them to a status in one
-place (``abort_with``), at most ``MAX_MESSAGE_CHARS`` long. Anything that is not a ``GatewayError`` becomes INTERNAL with a short
+place (``servicer.status_boundary`` with ``to_status``), at most ``MAX_MESSAGE_CHARS`` long. Anything that is not a ``GatewayError`` becomes INTERNAL with a short
 message and is logged with its traceback, never sent to the caller.
 
     GatewayError

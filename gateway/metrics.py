@@ -1,4 +1,4 @@
-"""Prometheus metrics, all defined here under the names DESIGN.md promises.
+"""Prometheus metrics, all defined here under the names the README's "Observability" section promises.
 
 Recording a metric must never fail or slow a request: these are in-process values only; the HTTP
 endpoint is served from its own thread by prometheus-client.

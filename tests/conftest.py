@@ -2,12 +2,21 @@
 
 Session-scoped servers are shared to keep the suite fast; a test that kills or restarts a server
 starts its own. Every fixture checks on the way out that its process is gone.
+
+Tiers: every test is marked from what it uses, never by hand. ``redis`` when it uses the Redis
+fixtures, ``triton`` when it uses Triton's, ``subprocess`` when it starts processes: a process
+fixture (``gateway_process``, the shared e2e gateways) or, read from the source, a call to
+``subprocess``, a ``...Process(`` class, or a helper of the test tree that does either. ``make
+test-fast`` runs the rest (``-m "not redis and not triton and not subprocess"``) in seconds.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import inspect
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +27,46 @@ from infergate.gateway.local_redis import LocalRedis
 from infergate.gateway.server import Gateway
 from tests.support.models import onnx_config, write_models
 from tests.support.processes import GatewayProcess, TritonProcess
+
+
+TIER_FIXTURES = {
+    "redis": {"redis_server", "redis_url"},
+    "triton": {"triton_server", "triton_gateway"},
+    "subprocess": {"gateway_process", "onnx_gateway", "triton_gateway", "triton_server", "redis_server"},
+}
+_SPAWNS = re.compile(r"\bsubprocess\.(run|Popen|check_output|check_call)\b|\b(?!Completed)[A-Z]\w*Process\(|create_subprocess_exec")
+
+
+def _spawning_helpers(tree: Path) -> set[str]:
+    """Names of functions under ``tree`` that start a process, directly or through one another."""
+    bodies: dict[str, str] = {}
+    for path in tree.rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("test_"):
+                bodies[node.name] = ast.get_source_segment(source, node) or ""
+    spawning = {name for name, body in bodies.items() if _SPAWNS.search(body)}
+    while True:
+        calls = re.compile(r"\b(" + "|".join(map(re.escape, sorted(spawning))) + r")\(") if spawning else None
+        more = {name for name, body in bodies.items() if name not in spawning and calls and calls.search(body)}
+        if not more:
+            return spawning
+        spawning |= more
+
+
+def pytest_collection_modifyitems(config, items):
+    helpers = _spawning_helpers(Path(__file__).parent)
+    calls = re.compile(r"\b(" + "|".join(map(re.escape, sorted(helpers))) + r")\(") if helpers else None
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        marks = {tier for tier, fixtures in TIER_FIXTURES.items() if used & fixtures}
+        function = getattr(item, "function", None)
+        if "subprocess" not in marks and function is not None:
+            source = inspect.getsource(function)
+            if _SPAWNS.search(source) or (calls and calls.search(source)):
+                marks.add("subprocess")
+        for tier in sorted(marks):
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

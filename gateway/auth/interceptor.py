@@ -10,7 +10,7 @@ method's handler to learn its request shape.
 
 Why the context variable reaches the handler: grpc.aio runs each call in its own task, and that
 task awaits the interceptors and then the handler in the same context, so a ``ContextVar`` set
-here is what the handler reads (``tests/auth/test_interceptor.py`` checks it with concurrent
+here is what the handler reads (``tests/gateway/auth/test_interceptor.py`` checks it with concurrent
 callers of different identities, unary and streaming). Tasks the handler creates copy it.
 
 A unary request is refused by a unary handler (grpc has read the request before it runs); a
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 OPEN_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
-"""Services callers reach without a token (DESIGN.md: health and discovery)."""
+"""Services callers reach without a token (health and discovery, as Kubernetes probes and grpcurl expect)."""
 
 REJECT_DRAIN_S = 0.5
 REJECT_DRAIN_MESSAGES = 64

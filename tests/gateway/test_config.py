@@ -1,8 +1,9 @@
 """Configuration: bad files exit 2 with one line naming the key, env overrides, relative paths.
 
-The command-line cases run the installed ``infergate`` console script as a real subprocess, both
-``check-config FILE`` and ``serve --config FILE``; a config error must stop ``serve`` before it binds
-anything, so those return at once.
+The command-line cases run ``check-config FILE`` and ``serve --config FILE`` in process through
+typer's CliRunner (a config error must stop ``serve`` before it binds anything, so those return at
+once); the cases where ``serve`` really starts, and one bad file, run the installed ``infergate``
+console script as a real subprocess.
 """
 
 from __future__ import annotations
@@ -24,12 +25,27 @@ INFERGATE = Path(sys.executable).with_name("infergate")
 CLI_TIMEOUT_S = 60.0
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The installed console script in a process of its own, without the caller's INFERGATE_ variables."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("INFERGATE_")}
     environment.update(env or {})
     return subprocess.run(
         [str(INFERGATE), *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=environment, cwd=ROOT
     )
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The same command in this process (typer's CliRunner), with the same environment rules."""
+    from typer.testing import CliRunner
+
+    from infergate.gateway.cli import app
+
+    environment: dict[str, str | None] = {k: None for k in os.environ if k.startswith("INFERGATE_")}
+    environment.update(env or {})
+    result = CliRunner().invoke(app, list(args), env=environment)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback the user would have seen
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 GOOD_MODELS = """
@@ -52,7 +68,8 @@ BAD_CONFIGS = [
     ("tabs-not-yaml", "server:\n\tlisten: x\n", ["not valid YAML"]),
     ("top-level-list", "- server\n- models\n", ["top level must be a mapping"]),
     ("top-level-scalar", "just words\n", ["top level must be a mapping"]),
-    ("unknown-key", "server:\n  listn: 127.0.0.1:1\n", ["server.listn", "not permitted"]),
+    ("unknown-key", "server:\n  listn: 127.0.0.1:1\n", ["server.listn: unknown key; did you mean 'listen'?"]),
+    ("unknown-batching-key", with_models("    batching: {max_delay_ms: 2}\n"), ["models.m.batching.max_delay_ms: unknown key; did you mean 'max_delay_us'?"]),
     ("unknown-section", "servre: {}\n", ["servre"]),
     ("wrong-type", "server:\n  workers: many\n", ["server.workers", "integer"]),
     ("section-not-mapping", "server: 5\n", ["server"]),
@@ -128,6 +145,13 @@ def test_serve_rejects_bad_file_before_starting(bad_config):
     assert_one_line_config_error(run_cli("serve", "--config", str(path)), says)
 
 
+def test_the_installed_command_rejects_a_bad_file_in_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("server:\n  listn: 127.0.0.1:1\n", encoding="utf-8")
+    for command in (["check-config"], ["serve", "--config"]):
+        assert_one_line_config_error(run_cli_process(*command, str(path)), ["server.listn: unknown key"])
+
+
 @pytest.mark.parametrize("command", [["check-config"], ["serve", "--config"]], ids=["check-config", "serve"])
 def test_missing_file_not_utf8_and_directory_exit_2(tmp_path, command):
     binary = tmp_path / "binary.yaml"
@@ -175,12 +199,19 @@ def test_startup_problem_exits_1_with_one_line(tmp_path, model_paths):
     config = onnx_config(model_paths)
     config["models"]["linear"]["variants"]["v1"]["path"] = str(tmp_path / "missing.onnx")
     config["server"] = {"listen": "127.0.0.1:0", "metrics_listen": ""}
-    result = run_cli("serve", "--config", str(write_yaml(tmp_path / "c.yaml", config)))
+    result = run_cli_process("serve", "--config", str(write_yaml(tmp_path / "c.yaml", config)))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("infergate: cannot start: models.linear.variants.v1"), last
     assert "missing.onnx" in last
+
+
+def test_check_config_catches_the_missing_model_file_that_serve_would_reject(tmp_path, model_paths):
+    config = onnx_config(model_paths)
+    config["models"]["linear"]["variants"]["v1"]["path"] = str(tmp_path / "missing.onnx")
+    result = run_cli("check-config", str(write_yaml(tmp_path / "c.yaml", config)))
+    assert_one_line_config_error(result, ["models.linear.variants.v1.path: model file not found: ", "missing.onnx"])
 
 
 def test_listen_address_in_use_exits_1_with_one_line(tmp_path, model_paths):
@@ -191,7 +222,7 @@ def test_listen_address_in_use_exits_1_with_one_line(tmp_path, model_paths):
         taken.listen()
         port = taken.getsockname()[1]
         config = dict(onnx_config(model_paths), server={"listen": f"127.0.0.1:{port}", "metrics_listen": ""})
-        result = run_cli("serve", "--config", str(write_yaml(tmp_path / "c.yaml", config)))
+        result = run_cli_process("serve", "--config", str(write_yaml(tmp_path / "c.yaml", config)))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().splitlines()[-1].startswith(f"infergate: cannot start: server.listen: cannot bind 127.0.0.1:{port}")
@@ -378,7 +409,7 @@ models:
 
 
 def test_the_design_example_loads(tmp_path):
-    """The config of DESIGN.md (without its optional TLS files) is valid as written."""
+    """The full example config (every section, without its optional TLS files) is valid as written."""
     path = tmp_path / "infergate.yaml"
     path.write_text(DESIGN_EXAMPLE, encoding="utf-8")
     config = load_config(path, environ={})

@@ -152,8 +152,8 @@ async def test_batched_calls_get_stage_spans_and_one_backend_span_linked_to_each
 
 
 async def test_an_authenticated_call_gets_auth_route_and_backend_spans(onnx_gateway_config, otlp_receiver, tmp_path):
-    from tests.auth.conftest import auth_block
-    from tests.auth.issuer import Issuer
+    from tests.gateway.auth.conftest import auth_block
+    from tests.gateway.auth.issuer import Issuer
 
     issuer = Issuer()
     receiver, port = otlp_receiver

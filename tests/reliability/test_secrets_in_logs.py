@@ -17,8 +17,8 @@ import pytest
 from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from infergate.gateway.redaction import RedactingFormatter, add_secret, redact_url
-from tests.auth.conftest import gateway_config
-from tests.auth.issuer import Issuer, forge_hs256
+from tests.gateway.auth.conftest import gateway_config
+from tests.gateway.auth.issuer import Issuer, forge_hs256
 from tests.reliability.conftest import gateway_running
 from tests.support.processes import free_port
 

@@ -29,8 +29,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from tests.auth.conftest import gateway_config
-from tests.auth.issuer import Issuer, forge_hs256
+from tests.gateway.auth.conftest import gateway_config
+from tests.gateway.auth.issuer import Issuer, forge_hs256
 from tests.conftest import running_gateway
 from tests.reliability.conftest import gateway_running, rss_bytes
 from tests.support.models import FEATURES, onnx_config

@@ -23,8 +23,8 @@ import pytest
 from infergate.gateway.auth import Reason, TokenRejected, TokenVerifier, parse_jwks, scopes_of
 from infergate.gateway.auth.keys import JwksFileSource
 from infergate.gateway.config import AuthConfig
-from tests.auth.conftest import auth_block, gateway_config
-from tests.auth.issuer import Issuer, forge
+from tests.gateway.auth.conftest import auth_block, gateway_config
+from tests.gateway.auth.issuer import Issuer, forge
 from tests.reliability.conftest import gateway_running
 from tests.router.fakes import FakeClock
 

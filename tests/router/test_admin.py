@@ -16,8 +16,8 @@ from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
 from infergate.gateway._proto.infergate.admin.v1.admin_pb2_grpc import RoutingAdminStub
 from infergate.gateway.config import parse_config
 from infergate.gateway.server import Gateway
-from tests.auth.conftest import auth_block
-from tests.auth.issuer import Issuer
+from tests.gateway.auth.conftest import auth_block
+from tests.gateway.auth.issuer import Issuer
 from tests.conftest import running_gateway
 from tests.e2e.conftest import linear_input, result_variant
 from tests.support.models import onnx_config

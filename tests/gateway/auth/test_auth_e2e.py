@@ -14,9 +14,9 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.auth.conftest import CALL_TIMEOUT_S, bearer, gateway_config, infer, start_gateway, status_of
-from tests.auth.issuer import forge, forge_hs256, signature_of
-from tests.auth.jwks_server import JwksServer
+from tests.gateway.auth.conftest import CALL_TIMEOUT_S, bearer, gateway_config, infer, start_gateway, status_of
+from tests.gateway.auth.issuer import forge, forge_hs256, signature_of
+from tests.gateway.auth.jwks_server import JwksServer
 from tests.support.processes import wait_until
 
 HS256_SECRET = "e2e-secret-" + "k" * 40

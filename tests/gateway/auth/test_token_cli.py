@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from typer.testing import CliRunner
 
 from infergate.gateway.cli import app
-from tests.auth.conftest import auth_block, bearer, row
+from tests.gateway.auth.conftest import auth_block, bearer, row
 from tests.conftest import running_gateway
 from tests.support.models import onnx_config
 

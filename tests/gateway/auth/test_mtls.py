@@ -12,8 +12,8 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infergate.gateway.tls import TlsOptionsError, client_tls
-from tests.auth.certs import make_pki
-from tests.auth.conftest import CALL_TIMEOUT_S, gateway_config, infer, status_of
+from tests.gateway.auth.certs import make_pki
+from tests.gateway.auth.conftest import CALL_TIMEOUT_S, gateway_config, infer, status_of
 from tests.support.models import onnx_config
 
 

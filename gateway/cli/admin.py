@@ -10,9 +10,8 @@ applies it.
 from __future__ import annotations
 
 import datetime
-import functools
-import inspect
 import json
+import sys
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -31,8 +30,8 @@ from rich.text import Text
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2 as pb
 from infergate.gateway._proto.infergate.admin.v1 import admin_pb2_grpc as pb_grpc
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+from infergate.gateway.cli.common import EXIT_ERROR, EXIT_USAGE
+
 DEFAULT_GATEWAY = "127.0.0.1:8001"
 
 GatewayOption = Annotated[
@@ -54,14 +53,9 @@ KeyFileOption = Annotated[
 TimeoutOption = Annotated[float, typer.Option("--timeout-s", help="Deadline of each call.")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why; recorded in the audit log.")]
 
+commands = typer.Typer()
 canary_app = typer.Typer(no_args_is_help=True, help="Change a model's variant weights: by hand, or see the automated canary.")
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``routes``, ``audit`` and the ``canary`` group to the main CLI."""
-    app.command("routes")(routes)
-    app.command("audit")(audit)
-    app.add_typer(canary_app, name="canary")
+commands.add_typer(canary_app, name="canary")
 
 
 # -- the connection ------------------------------------------------------------------------------
@@ -144,34 +138,6 @@ class Connection:
             client.close()
 
 
-_CONNECTION_PARAMETERS = [
-    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-    for name, annotation, default in (
-        ("gateway", GatewayOption, DEFAULT_GATEWAY),
-        ("token", TokenOption, ""),
-        ("as_json", JsonOption, False),
-        ("ca_file", CaFileOption, None),
-        ("cert_file", CertFileOption, None),
-        ("key_file", KeyFileOption, None),
-        ("timeout_s", TimeoutOption, 10.0),
-    )
-]
-
-
-def admin_command(function: Callable[..., None]) -> Callable[..., None]:
-    """Give a command the connection options (one definition for all); it receives ``conn: Connection``."""
-    signature = inspect.signature(function, eval_str=True)
-    own = [parameter for parameter in signature.parameters.values() if parameter.name != "conn"]
-
-    @functools.wraps(function)
-    def command(*args: Any, **kwargs: Any) -> None:
-        conn = Connection(**{parameter.name: kwargs.pop(parameter.name) for parameter in _CONNECTION_PARAMETERS})
-        function(*args, conn=conn, **kwargs)
-
-    command.__signature__ = signature.replace(parameters=own + _CONNECTION_PARAMETERS)  # type: ignore[attr-defined]
-    return command
-
-
 def _fail_rpc(exc: grpc.RpcError) -> None:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -187,14 +153,20 @@ def _fail_usage(message: str) -> None:
 # -- commands ------------------------------------------------------------------------------------
 
 
-@admin_command
+@commands.command("routes")
 def routes(
     model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
     watch: Annotated[bool, typer.Option("--watch", help="Keep printing route changes as they happen.")] = False,
-    *,
-    conn: Connection,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Show models with their variants, weights, revision and health (--watch: follow changes)."""
+    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
     if watch:
         _watch(model, conn)
         return
@@ -209,7 +181,6 @@ def routes(
 
 
 @canary_app.command("set")
-@admin_command
 def canary_set(
     model: Annotated[str, typer.Argument(help="Model name.")],
     weights: Annotated[list[str], typer.Argument(help="VARIANT=WEIGHT pairs, e.g. v1=90 v2=10 (others go to 0).")],
@@ -217,10 +188,16 @@ def canary_set(
     expect_revision: Annotated[
         int, typer.Option("--expect-revision", help="Refuse (ABORTED) unless the route is at this revision; 0 skips.")
     ] = 0,
-    *,
-    conn: Connection,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Set a model's weights atomically (rejected whole when any part is wrong)."""
+    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
     request = pb.SetWeightsRequest(
         model=model, weights=parse_weights(weights), expected_revision=expect_revision, reason=reason,
         request_id=uuid.uuid4().hex,
@@ -229,40 +206,55 @@ def canary_set(
 
 
 @canary_app.command("promote")
-@admin_command
 def canary_promote(
     model: Annotated[str, typer.Argument(help="Model name.")],
     variant: Annotated[str, typer.Argument(help="Variant to give all traffic.")],
     reason: ReasonOption = "",
-    *,
-    conn: Connection,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """VARIANT to 100, every other variant to 0."""
+    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
     request = pb.PromoteRequest(model=model, variant=variant, reason=reason, request_id=uuid.uuid4().hex)
     _print_change(conn.call("Promote", request), conn.as_json)
 
 
 @canary_app.command("rollback")
-@admin_command
 def canary_rollback(
     model: Annotated[str, typer.Argument(help="Model name.")],
     reason: ReasonOption = "",
-    *,
-    conn: Connection,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Back to the baseline (the model's first variant in config) at 100."""
+    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
     request = pb.RollbackRequest(model=model, reason=reason, request_id=uuid.uuid4().hex)
     _print_change(conn.call("Rollback", request), conn.as_json)
 
 
 @canary_app.command("status")
-@admin_command
 def canary_status(
     model: Annotated[str, typer.Argument(help="Model name.")],
-    *,
-    conn: Connection,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """The route and the automated canary's progress (state, step, last reason, leading replica)."""
+    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
     route = conn.call("GetRoute", pb.GetRouteRequest(model=model)).route
     if conn.as_json:
         _print_json(_to_dict(route))
@@ -281,27 +273,33 @@ def canary_status(
         console.print(_literal(f"last: {canary.last_reason}"))
 
 
-@admin_command
+@commands.command("audit")
 def audit(
     model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Newest entries to show.")] = 20,
-    *,
-    conn: Connection,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Who changed which route, when, from which weights to which, and why (newest first)."""
+    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
     response = conn.call("GetAuditLog", pb.GetAuditLogRequest(model=model, limit=limit))
     if conn.as_json:
         _print_json({"entries": [_to_dict(entry) for entry in response.entries]})
         return
     table = Table(title="route changes, newest first")
     for column in ("time (UTC)", "model", "rev", "subject", "action", "from", "to", "reason"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for entry in response.entries:
         table.add_row(*map(_literal, (
             _time(entry.time_unix_s), entry.model, str(entry.revision), entry.subject, entry.action,
             _weights_text(entry.old_weights), _weights_text(entry.new_weights), entry.reason,
         )))
-    _console().print(table)
+    _print_table(table)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -353,7 +351,7 @@ def _print_change(response: pb.RouteChangeResponse, as_json: bool) -> None:
 def _print_routes(found: Sequence[pb.Route]) -> None:
     table = Table()
     for column in ("model", "rev", "variant", "weight", "share", "health", "backend", "fallback", "notes"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for route in found:
         total = sum(v.weight for v in route.variants) or 1
         for index, variant in enumerate(route.variants):
@@ -376,13 +374,22 @@ def _print_routes(found: Sequence[pb.Route]) -> None:
                 ", ".join(notes),
             )))
         table.add_section()
-    _console().print(table)
+    _print_table(table)
 
 
-def _console() -> Console:
-    """A console that prints text as it is: stored text (reasons, subjects, names) comes from
-    other people and is never read as rich markup, emoji codes or highlighting."""
-    return Console(markup=False, emoji=False, highlight=False)
+def _print_table(table: Table) -> None:
+    """Never truncated: piped, the table takes the width it needs (rich would assume 80 columns);
+    on a narrow terminal, long cells fold onto a second line instead of ending in an ellipsis.
+    Stored text (reasons, subjects, names) comes from other people: it is never read as rich
+    markup, emoji codes or highlighting."""
+    if sys.stdout.isatty():
+        _console().print(table)
+    else:
+        _console(width=100_000, soft_wrap=True).print(table)
+
+
+def _console(**options) -> Console:
+    return Console(markup=False, emoji=False, highlight=False, **options)
 
 
 def _literal(value: str) -> Text:

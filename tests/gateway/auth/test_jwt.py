@@ -17,9 +17,9 @@ from infergate.gateway.auth import AuthSetupError, Reason, TokenRejected, TokenV
 from infergate.gateway.auth.keys import JwksFileSource, JwksUrlSource, SecretKeySource
 from infergate.gateway.auth.ratelimit import TenantRateLimiter
 from infergate.gateway.config import AuthConfig, ConfigError, parse_config
-from tests.auth.conftest import auth_block
-from tests.auth.issuer import AUDIENCE, forge, forge_hs256, signature_of
-from tests.auth.jwks_server import JwksServer
+from tests.gateway.auth.conftest import auth_block
+from tests.gateway.auth.issuer import AUDIENCE, forge, forge_hs256, signature_of
+from tests.gateway.auth.jwks_server import JwksServer
 from tests.router.fakes import FakeClock
 
 ALLOWED = frozenset({"RS256", "ES256", "EdDSA"})

@@ -25,8 +25,8 @@ from infergate.gateway import metrics
 from infergate.gateway.auth.logfilter import SubjectLogFilter
 from infergate.gateway.auth.verifier import identity_from_claims
 from infergate.gateway.identity import current_identity
-from tests.auth.conftest import bearer, gateway_config, row
-from tests.auth.jwks_server import JwksServer
+from tests.gateway.auth.conftest import bearer, gateway_config, row
+from tests.gateway.auth.jwks_server import JwksServer
 from tests.conftest import running_gateway
 from tests.support.models import FEATURES
 

@@ -129,7 +129,7 @@ def test_service_methods_match_triton():
 
 
 def test_contract_field_numbers():
-    """The numbers DESIGN.md and callers rely on, pinned independently of tritonclient."""
+    """The numbers callers rely on, pinned independently of tritonclient."""
     param = svc.InferParameter.DESCRIPTOR
     assert {f.name: f.number for f in param.oneofs_by_name["parameter_choice"].fields} == {
         "bool_param": 1,

@@ -17,7 +17,9 @@ from typing import Any, Optional
 
 import typer
 
-EXIT_USAGE = 2
+from infergate.gateway.cli.common import EXIT_USAGE
+
+commands = typer.Typer()
 DEFAULT_ISSUER = "infergate-dev"
 DEFAULT_AUDIENCE = "infergate"
 
@@ -51,6 +53,7 @@ def _parse_claims(pairs: list[str]) -> dict[str, Any]:
     return claims
 
 
+@commands.command("token")
 def token_command(
     key: Optional[Path] = typer.Option(None, "--key", help="PEM private key (RSA, EC P-256/P-384, Ed25519)."),
     scope: str = typer.Option("infer:*", "--scope", help='Space-separated scopes, e.g. "infer:* admin:routes".'),
@@ -106,9 +109,17 @@ def token_command(
         )
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise _fail(f"cannot sign with this key and --algorithm {algorithm}: {type(exc).__name__}") from None
+    defaults = [f"{name} {value!r}" for name, given, value in (("issuer", issuer, DEFAULT_ISSUER), ("audience", audience, DEFAULT_AUDIENCE)) if not given]
+    if defaults:  # on stderr, so that $(infergate token ...) still captures the token alone
+        typer.echo(
+            f"infergate token: warning: {' and '.join(defaults)} are development defaults; a gateway whose "
+            "auth.issuer/auth.audience differ rejects this token (pass --config FILE, or --issuer/--audience)",
+            err=True,
+        )
     typer.echo(token)
 
 
+@commands.command("jwks")
 def jwks_command(
     key: Path = typer.Argument(..., help="PEM private (or public) key."),
     kid: str = typer.Option("dev", "--kid", help="Key id of the key in the document."),

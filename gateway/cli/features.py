@@ -14,7 +14,11 @@ from typing import Optional
 
 import typer
 
+from infergate.gateway.cli.common import load_config_or_exit, require_extra
+
+commands = typer.Typer()
 features_app = typer.Typer(no_args_is_help=True, help="Online feature views in Redis.")
+commands.add_typer(features_app, name="features")
 
 
 def read_rows(path: Path, dim: int) -> list[tuple[str, list[float]]]:
@@ -23,7 +27,7 @@ def read_rows(path: Path, dim: int) -> list[tuple[str, list[float]]]:
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise ValueError("reading Parquet needs pyarrow (pip install pyarrow)") from exc
+            raise ValueError("reading Parquet needs pyarrow: pip install 'infergate[parquet]'") from exc
         table = pq.read_table(path).to_pylist()
         records = [list(row.values()) for row in table]
         start_line = 1
@@ -56,10 +60,11 @@ def load(
     """Write every row of FILE to Redis under the view's key template."""
     import redis.asyncio as aioredis
 
-    from infergate.gateway.cli import _load
     from infergate.gateway.features import write_rows
 
-    gateway_config = _load(config)
+    if file.suffix == ".parquet":
+        require_extra("pyarrow", "parquet", "reading Parquet")
+    gateway_config = load_config_or_exit(config)
     view_config = gateway_config.feature_views.get(view)
     if view_config is None:
         typer.echo(f"infergate: unknown feature view {view!r}; the config has {sorted(gateway_config.feature_views)}", err=True)

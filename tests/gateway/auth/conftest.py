@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from tests.auth.issuer import AUDIENCE, ISSUER, Issuer
+from tests.gateway.auth.issuer import AUDIENCE, ISSUER, Issuer
 from tests.support.models import FEATURES, onnx_config
 from tests.support.processes import GatewayProcess
 

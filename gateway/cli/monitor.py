@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import typer
 
+commands = typer.Typer()
 monitor_app = typer.Typer(no_args_is_help=True, help="Model monitoring: drift reference profiles.")
+commands.add_typer(monitor_app, name="monitor")
 
 
 def read_columns(path: Path) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
@@ -24,7 +26,7 @@ def read_columns(path: Path) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise ValueError("reading Parquet needs pyarrow (pip install pyarrow)") from exc
+            raise ValueError("reading Parquet needs pyarrow: pip install 'infergate[parquet]'") from exc
         table = pq.read_table(path)
         header = list(table.column_names)
         data = np.column_stack([np.asarray(table.column(name).to_numpy(), dtype=np.float64) for name in header])
