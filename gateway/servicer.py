@@ -296,7 +296,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._in_flight += 1
         try:
             metadata = dict(context.invocation_metadata() or ())  # gRPC metadata keys are lower-case
-            if not self._tracing.enabled:
+            if not self._tracing.enabled or not self._tracing.sampled(metadata):
                 return await self._serve(request, context, metadata, _forwarded(metadata))
             attributes = {"infergate.model": request.model_name, **RPC_ATTRIBUTES}
             with self._tracing.server_span(SERVER_SPAN, metadata, attributes) as span:

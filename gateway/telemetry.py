@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 from collections.abc import Iterator, Mapping
 
 from opentelemetry import context as otel_context
@@ -50,12 +51,26 @@ class Tracing:
 
     def __init__(self, config: TelemetryConfig) -> None:
         self._config = config
+        self._ratio = config.sample_ratio
         self._provider = None
         self.tracer: trace.Tracer = NoOpTracer()
 
     @property
     def enabled(self) -> bool:
         return self._provider is not None
+
+    def sampled(self, metadata: Mapping[str, str]) -> bool:
+        """Whether a call is traced: the caller's W3C sampled flag when it sends a ``traceparent``,
+        else a draw at ``sample_ratio`` (the SDK's ParentBased(TraceIdRatioBased) decision, taken
+        before any span is made). An unsampled call then costs what it costs with tracing off: no
+        span, no context, its own trace context passed on as it came."""
+        traceparent = metadata.get("traceparent")
+        if traceparent is not None:
+            try:
+                return bool(int(traceparent[-2:], 16) & 1) and len(traceparent) >= 55
+            except ValueError:
+                return False  # malformed: the SDK would start a new trace; treated as unsampled
+        return self._ratio >= 1.0 or random.random() < self._ratio
 
     def start(self) -> None:
         endpoint = self._config.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")

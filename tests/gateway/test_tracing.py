@@ -199,3 +199,18 @@ async def test_sample_ratio_zero_sends_no_spans_and_a_dead_collector_fails_no_ca
                 await client.close()
     assert receiver.spans == []
     assert len(answers) == 40 and all(a.shape == (1, 4) for a in answers)
+
+
+def test_the_sampling_decision_is_taken_before_any_span_and_follows_the_caller():
+    from infergate.gateway.config import TelemetryConfig
+    from infergate.gateway.telemetry import Tracing
+
+    never = Tracing(TelemetryConfig(sample_ratio=0.0))
+    always = Tracing(TelemetryConfig(sample_ratio=1.0))
+    sampled, unsampled = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"
+    assert never.sampled({"traceparent": sampled}) and not always.sampled({"traceparent": unsampled})
+    assert always.sampled({}) and not never.sampled({})
+    assert not always.sampled({"traceparent": "garbage-zz"})
+    some = Tracing(TelemetryConfig(sample_ratio=0.25))
+    share = sum(some.sampled({}) for _ in range(20000)) / 20000
+    assert abs(share - 0.25) < 0.02  # 20000 draws: sd 0.003
