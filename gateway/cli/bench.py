@@ -108,7 +108,7 @@ def bench_command(
     meta = {
         "machine": machine or machine_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["infergate", *sys.argv[1:]]),
+        "command": shlex.join(["infergate", *_without_secrets(sys.argv[1:])]),
         "revision": source_revision(),
         "duration_s": duration_s,
         "warmup_s": warmup_s,
@@ -163,3 +163,21 @@ def bench_command(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def _without_secrets(argv: list[str]) -> list[str]:
+    """The command line as recorded in results and reports: a ``--token`` value is never written."""
+    shown = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append("TOKEN")
+            hide_next = False
+        elif arg == "--token":
+            shown.append(arg)
+            hide_next = True
+        elif arg.startswith("--token="):
+            shown.append("--token=TOKEN")
+        else:
+            shown.append(arg)
+    return shown

@@ -261,3 +261,10 @@ def test_rounds_rotate_the_target_order_and_report_medians(tmp_path):
     report = (out / "report.md").read_text()
     assert "3 rounds with the target order rotated" in report
     assert "## Spread across rounds" in report and "| first | c=2 | " in report
+
+
+def test_the_recorded_command_never_holds_the_token():
+    from infergate.gateway.cli.bench import _without_secrets
+
+    assert _without_secrets(["--token", "eyJsecret", "--target", "a=h:1"]) == ["--token", "TOKEN", "--target", "a=h:1"]
+    assert _without_secrets(["--token=eyJsecret"]) == ["--token=TOKEN"]
