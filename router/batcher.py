@@ -9,10 +9,13 @@ mixes models or variants.
 When a batch goes out (``BatchingConfig.dispatch``):
 
 - ``idle`` (the default): as soon as one of the ``max_inflight`` backend slots is free, with
-  everything queued (up to ``max_rows``). A lone caller on an idle backend is sent at once and
-  waits for nobody; while every slot is busy, requests gather, so batches grow with the load and
-  the backend's speed sets their size (Clipper's adaptive batching, "dispatch when the device is
-  idle").
+  everything queued (up to ``max_rows``). A caller that finds nothing queued and a slot free is
+  sent at once from its own task, as one request: no queue, no dispatcher, no hand-off (the
+  direct path, which costs what batching off costs). While every slot is busy, requests gather,
+  so batches grow with the load and the backend's speed sets their size (Clipper's adaptive
+  batching, "dispatch when the device is idle"). A backend whose runs finish inside the caller's
+  step (an ONNX model run inline on the loop) never has a slot busy when the next caller comes,
+  so every call takes the direct path: there is nothing for a batch to wait for.
 - ``delay``: Triton's dynamic batcher. A group goes out when it holds ``max_rows`` rows or a
   preferred size, or ``max_delay_us`` after its oldest request arrived.
 
@@ -135,7 +138,6 @@ class Batcher(Backend):
         # asyncio objects are created in start(), inside the running loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
         self._dispatcher: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
 
@@ -160,7 +162,6 @@ class Batcher(Backend):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self._max_inflight)
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name=f"batcher {self._what}")
         self._accepting = True
 
@@ -210,6 +211,8 @@ class Batcher(Backend):
             raise DeadlineExceeded("deadline passed before the request was queued")
         if not self._accepting or self._loop is None:
             raise Unavailable(f"{self._what}: not accepting requests (starting or shutting down)")
+        if self._idle_dispatch and not self._depth and self._inflight < self._max_inflight:
+            return await self._direct(inputs, outputs, rows, deadline, headers)
         if self._depth + rows > self._max_queue:
             raise Unavailable(f"{self._what}: batch queue full ({self._depth} of {self._max_queue} rows waiting)")
         key = group_key(inputs)
@@ -276,32 +279,26 @@ class Batcher(Backend):
         self._depth_gauge.set(self._depth)
 
     async def _dispatch_forever(self) -> None:
-        assert self._slots is not None
         while True:
-            # Hold a backend slot before forming a batch, so requests keep gathering while every
-            # slot is busy and the next batch takes all of them.
-            await self._slots.acquire()
-            try:
-                batch = await self._next_batch()
-            except BaseException:
-                self._slots.release()
-                raise
+            batch = await self._next_batch()
             self._inflight += 1
             task = asyncio.create_task(self._run(batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
     async def _next_batch(self) -> list[_Request]:
+        """The next batch, once a group is due and a backend slot is free. Requests keep gathering
+        while every slot is busy, so the next batch takes all of them."""
         assert self._wakeup is not None
         while True:
             key, wait_s = self._due_group()
-            if key is not None and wait_s <= 0:
+            if key is not None and wait_s <= 0 and self._inflight < self._max_inflight:
                 batch = self._take(key)
                 if batch:
                     return batch
                 continue  # everything taken had expired or gone
             self._wakeup.clear()
-            if key is None:
+            if key is None or wait_s <= 0:  # nothing queued, or every slot busy: a slot or a request wakes us
                 await self._wakeup.wait()
                 continue
             try:
@@ -309,6 +306,11 @@ class Batcher(Backend):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
+
+    def _slot_freed(self) -> None:
+        self._inflight -= 1
+        if self._depth and self._wakeup is not None:
+            self._wakeup.set()
 
     def _due_group(self) -> tuple[GroupKey | None, float]:
         """The group to send next and the seconds until it is due (<= 0: now); drops empty groups.
@@ -364,7 +366,6 @@ class Batcher(Backend):
 
     async def _run(self, batch: list[_Request]) -> None:
         """Send one batch and hand every live waiter its rows (or the batch's error)."""
-        assert self._slots is not None
         try:
             now = self._clock()
             for request in batch:
@@ -392,8 +393,7 @@ class Batcher(Backend):
                 log.exception("batch of %s failed", self._what)
                 _fail(live, Internal("internal error while serving the batch"), exc)
         finally:
-            self._inflight -= 1
-            self._slots.release()
+            self._slot_freed()
 
 
     async def _traced_call(self, live: list[_Request], traced: list[_Request], rows: int) -> dict[str, np.ndarray]:
@@ -402,23 +402,58 @@ class Batcher(Backend):
         dispatched_ns = time.time_ns()
         for request in traced:
             stage_span(self._tracer, QUEUE_SPAN, request.enqueued_ns, dispatched_ns, parent=request.span)
-        attributes = {
-            "infergate.backend.kind": self.inner.kind,
-            "infergate.backend.name": self.inner.name,
-            "infergate.backend.target": self._target,
-            "infergate.batch.rows": rows,
-            "infergate.batch.requests": len(live),
-        }
-        with self._tracer.start_as_current_span(
-            BACKEND_SPAN,
-            context=trace.set_span_in_context(traced[0].span),  # type: ignore[arg-type]
-            kind=SpanKind.CLIENT,
-            links=[Link(r.span.get_span_context()) for r in traced],  # type: ignore[union-attr]
-            attributes=attributes,
-        ):
+        with self._backend_span([r.span for r in traced], rows, len(live)):  # type: ignore[misc]
             return await self.inner.infer(
                 self._target, _concatenate(live), _union(live), max(r.deadline for r in live), outgoing_headers()
             )
+
+    def _backend_span(self, callers: Sequence[trace.Span], rows: int, requests: int):
+        """The one backend span of a batch: a child of the first traced caller, linked to each of them."""
+        assert self._tracer is not None
+        return self._tracer.start_as_current_span(
+            BACKEND_SPAN,
+            context=trace.set_span_in_context(callers[0]),
+            kind=SpanKind.CLIENT,
+            links=[Link(span.get_span_context()) for span in callers],
+            attributes={
+                "infergate.backend.kind": self.inner.kind,
+                "infergate.backend.name": self.inner.name,
+                "infergate.backend.target": self._target,
+                "infergate.batch.rows": rows,
+                "infergate.batch.requests": requests,
+            },
+        )
+
+    async def _direct(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        rows: int,
+        deadline: float,
+        headers: Mapping[str, str] | None,
+    ) -> dict[str, np.ndarray]:
+        """Idle dispatch with nothing queued and a slot free: this request alone, from the caller's
+        own task, on the caller's own deadline (what a batch of one would be, without the hand-off)."""
+        self._inflight += 1
+        try:
+            self._queue_wait.observe(0.0)
+            self._batch_size.observe(rows)
+            span = trace.get_current_span() if self._tracer is not None else None
+            try:
+                if span is not None and span.is_recording():
+                    with self._backend_span([span], rows, 1):
+                        answer = await self.inner.infer(self._target, inputs, outputs, deadline, outgoing_headers())
+                else:
+                    answer = await self.inner.infer(self._target, inputs, outputs, deadline, headers)
+            except (GatewayError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.exception("request to %s failed", self._what)
+                raise Internal("internal error while serving the batch") from exc
+            _check_rows(answer, rows)
+            return answer
+        finally:
+            self._slot_freed()
 
 
 def _concatenate(requests: Sequence[_Request]) -> dict[str, np.ndarray]:
@@ -437,9 +472,7 @@ def _union(requests: Sequence[_Request]) -> list[str]:
 
 
 def _split(requests: Sequence[_Request], answer: Mapping[str, np.ndarray], rows: int) -> None:
-    for name, array in answer.items():
-        if array.ndim == 0 or array.shape[0] != rows:
-            raise Internal(f"backend returned {name} with shape {list(array.shape)} for a batch of {rows} rows")
+    _check_rows(answer, rows)
     if len(requests) == 1:
         request = requests[0]
         if not request.future.done():
@@ -451,6 +484,12 @@ def _split(requests: Sequence[_Request], answer: Mapping[str, np.ndarray], rows:
         if not request.future.done():
             request.future.set_result({name: answer[name][offset:end] for name in request.outputs})
         offset = end
+
+
+def _check_rows(answer: Mapping[str, np.ndarray], rows: int) -> None:
+    for name, array in answer.items():
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise Internal(f"backend returned {name} with shape {list(array.shape)} for a batch of {rows} rows")
 
 
 def _fail(requests: Sequence[_Request], error: GatewayError, cause: BaseException | None = None) -> None:

@@ -274,6 +274,56 @@ async def test_idle_dispatch_gathers_requests_while_the_backend_is_busy(make_bat
         np.testing.assert_array_equal(answer["DOUBLE"], rows(i)["INPUT"] * 2)
 
 
+async def test_idle_dispatch_sends_a_lone_request_from_the_callers_task_without_queueing(make_batcher, backend, clock):
+    backend.hold = asyncio.Event()
+    batcher = await make_batcher(max_rows=8, dispatch="idle", max_inflight=2)
+    now = clock()
+    first = asyncio.create_task(batcher.infer("model", rows(0), ["DOUBLE"], now + 7))
+    second = asyncio.create_task(batcher.infer("model", rows(1), ["DOUBLE"], now + 9))
+    await settle()
+    # Both slots taken by callers sent at once, each alone and on its own deadline; nothing queued.
+    assert batcher.inflight == 2 and batcher.depth == 0
+    assert [(call.rows, call.deadline) for call in backend.calls] == [(1, now + 7), (1, now + 9)]
+    third = [submit(batcher, clock, rows(i)) for i in (2, 3)]
+    await settle()
+    assert batcher.depth == 2  # every slot busy: these gather
+    backend.hold.set()
+    answers = await asyncio.gather(first, second, *third)
+    assert [call.rows for call in backend.calls] == [1, 1, 2]
+    for i, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer["DOUBLE"], rows(i)["INPUT"] * 2)
+    assert batcher.inflight == 0
+
+
+async def test_a_request_sent_alone_gets_its_errors_and_frees_its_slot(make_batcher, backend, clock):
+    batcher = await make_batcher(max_rows=4, dispatch="idle", max_inflight=1)
+    backend.script = [BackendUnavailable("model server gone")]
+    assert await code_of(submit(batcher, clock, rows(1))) == grpc.StatusCode.UNAVAILABLE
+    backend.wrong_rows = True
+    assert await code_of(submit(batcher, clock, rows(2))) == grpc.StatusCode.INTERNAL
+    backend.wrong_rows = False
+    answer = await batcher.infer("model", rows(3), ["DOUBLE"], clock() + DEADLINE_S)
+    np.testing.assert_array_equal(answer["DOUBLE"], rows(3)["INPUT"] * 2)
+    assert batcher.inflight == 0 and batcher.depth == 0
+
+
+async def test_a_cancelled_request_sent_alone_frees_its_slot_for_the_queue(make_batcher, backend, clock):
+    backend.hold = asyncio.Event()
+    batcher = await make_batcher(max_rows=4, dispatch="idle", max_inflight=1)
+    alone = submit(batcher, clock, rows(0))
+    await settle()
+    queued = submit(batcher, clock, rows(1))
+    await settle()
+    assert batcher.inflight == 1 and batcher.depth == 1
+    alone.cancel()
+    await settle()
+    # The queued request goes out on the slot the cancelled one left (it waits at the held backend).
+    assert batcher.depth == 0 and batcher.inflight == 1
+    backend.hold.set()
+    np.testing.assert_array_equal((await queued)["DOUBLE"], rows(1)["INPUT"] * 2)
+    assert alone.cancelled()
+
+
 async def test_a_cancelled_caller_frees_its_place_and_is_skipped(make_batcher, backend, clock):
     batcher = await make_batcher(max_rows=4, max_queue=4, preferred=(2,))
     gone = submit(batcher, clock, rows(1, count=3))
