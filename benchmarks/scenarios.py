@@ -38,7 +38,9 @@ CEILING_START_TIMEOUT_S = 30.0
 LEAN_START_TIMEOUT_S = 30.0
 MODEL = "classifier"
 TRITON_MODEL = "linear_v1"  # tests/support/triton_models.py: LinearClassifier.random(seed=1), as here
+TRITON_MODEL_NO_BATCHER = "linear_nobatcher"  # the same model with no dynamic batcher in Triton
 GATEWAY_TRITON_MODEL = "classifier_triton"
+GATEWAY_TRITON_MODEL_NO_BATCHER = "classifier_triton_nobatcher"
 
 
 class CeilingProcess(_Process):
@@ -78,12 +80,17 @@ class LeanProcess(_Process):
 
 
 def gateway_config(model_path: Path, triton_url: str | None = None) -> dict:
-    """The gateway of the serving scenario: auth off, no Redis, no batching, one ONNX thread per run."""
+    """The gateway of the serving scenario: auth off, no Redis, one ONNX thread per run; the ONNX
+    model unbatched, the Triton ones batched by the gateway (idle dispatch, up to 64 rows)."""
     backends: dict = {"onnx_cpu": {"kind": "onnx", "providers": ["CPUExecutionProvider"], "intra_op_threads": 1}}
     models: dict = {MODEL: {"variants": {"v1": {"backend": "onnx_cpu", "path": str(model_path), "weight": 100}}}}
     if triton_url:
         backends["triton"] = {"kind": "triton", "url": triton_url, "timeout_ms": 5000}
-        models[GATEWAY_TRITON_MODEL] = {"variants": {"v1": {"backend": "triton", "model": TRITON_MODEL, "weight": 100}}}
+        for name, target in ((GATEWAY_TRITON_MODEL, TRITON_MODEL), (GATEWAY_TRITON_MODEL_NO_BATCHER, TRITON_MODEL_NO_BATCHER)):
+            models[name] = {
+                "batching": {"max_batch_size": 64},
+                "variants": {"v1": {"backend": "triton", "model": target, "weight": 100}},
+            }
     return {
         "server": {"metrics_listen": ""},
         "auth": {"mode": "none"},
@@ -119,7 +126,7 @@ def serving(
         model_path = LinearClassifier.random(seed=1).save(workdir / f"{MODEL}.onnx")
         triton = None
         if with_triton:
-            triton = TritonProcess(workdir)
+            triton = TritonProcess(workdir, nobatcher_model=True)
             start(triton, "Triton (nvidia-pytriton)", 30.0)
         gateway = GatewayProcess(gateway_config(model_path, triton.url if triton else None), workdir)
         start(gateway, "the gateway", 5.0)
@@ -144,7 +151,13 @@ def serving(
                        description="Triton Inference Server (nvidia-pytriton's binary), the same classifier as a "
                                    "Python-backend model, called directly"),
                 Target("gateway-triton", gateway.url, GATEWAY_TRITON_MODEL, compare_to="triton", pid=gateway.process.pid,
-                       description="infergate serve in front of that Triton (the gateway's CPU time only)"),
+                       description="infergate serve in front of that Triton, batching on (idle dispatch, 64 rows); "
+                                   "the gateway's CPU time only"),
+                Target("triton-nobatcher", triton.url, TRITON_MODEL_NO_BATCHER, pid=triton.process.pid,
+                       description="the same Triton model with no dynamic batcher, called directly"),
+                Target("gateway-triton-nobatcher", gateway.url, GATEWAY_TRITON_MODEL_NO_BATCHER,
+                       compare_to="triton-nobatcher", pid=gateway.process.pid,
+                       description="infergate serve, batching on, in front of the Triton model with no batcher"),
             ]
         yield targets
     finally:

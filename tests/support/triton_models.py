@@ -8,6 +8,9 @@ Models (every one batched, max_batch_size 256; pytriton turns on Triton's dynami
 queue delay, so it only merges requests that are already waiting):
 - ``linear_v1`` / ``linear_v2``: ``LinearClassifier.random(seed=1|2)`` run by ONNX Runtime inside
   the bound callable; INPUT FP32 [-1, 16] -> SCORES, PROBS FP32 [-1, 4].
+- ``linear_nobatcher`` (only with ``--nobatcher-model``, for the benchmarks): linear_v1 with no
+  dynamic batcher (Triton runs each request on its own; still batched, so a client may send several
+  rows in one request).
 - ``failing``: same signature, raises on every call.
 - ``slow``: same as linear_v1 after sleeping ``SLOW_DELAY_S``.
 """
@@ -43,6 +46,7 @@ def main() -> int:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--nobatcher-model", action="store_true", help="also serve linear_nobatcher")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -90,6 +94,11 @@ def main() -> int:
         model_config = ModelConfig(max_batch_size=MAX_BATCH)
         triton.bind("linear_v1", onnx_callable(sessions["linear_v1"]), inputs, outputs, config=model_config)
         triton.bind("linear_v2", onnx_callable(sessions["linear_v2"]), inputs, outputs, config=model_config)
+        if args.nobatcher_model:
+            triton.bind(
+                "linear_nobatcher", onnx_callable(sessions["linear_v1"]), inputs, outputs,
+                config=ModelConfig(max_batch_size=MAX_BATCH, batcher=None),
+            )
         triton.bind("failing", failing, inputs, outputs, config=model_config)
         triton.bind("slow", slow, inputs, outputs, config=model_config)
         triton.run()
