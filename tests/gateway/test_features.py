@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -202,3 +203,32 @@ async def test_bulk_fetch_reads_keys_around_the_id_and_refuses_malformed_rows(re
     assert misses == 0 and partial_misses == 1
     np.testing.assert_array_equal(partial, np.stack([rows["e3"], np.zeros(DIM, "<f4")]))
     assert "malformed row" in err.value.message and "short" in err.value.message
+
+
+async def test_a_fetch_cut_off_by_its_timeout_never_hands_its_late_reply_to_the_next_fetch(redis_url):
+    """The reply of a timed-out MGET arrives later on its connection; the next fetch must get its own rows."""
+    from infergate.gateway.config import FeatureViewConfig
+    from infergate.gateway.errors import Unavailable
+    from infergate.gateway.features import FeatureStore
+
+    view = FeatureViewConfig(key_template="late:{id}", dim=DIM, timeout_ms=100)
+    client = redis.Redis.from_url(redis_url)
+    first, second = (np.full(DIM, value, "<f4") for value in (1.0, 2.0))
+    client.set("late:a", first.tobytes())
+    client.set("late:b", second.tobytes())
+    store = FeatureStore(redis_url, {"v": view})
+    await store.start()
+    try:
+        await store.fetch("v", [b"b"], deadline=1e12)  # one pooled connection, now idle
+        # Redis holds every other client's commands for 0.4 s: the fetch of "a" times out with its
+        # MGET sent and unanswered; the reply comes once the pause ends.
+        client.execute_command("CLIENT", "PAUSE", "400", "ALL")
+        with pytest.raises(Unavailable):
+            await store.fetch("v", [b"a"], deadline=1e12)
+        await asyncio.sleep(0.5)
+        rows, misses = await store.fetch("v", [b"b"], deadline=1e12)
+    finally:
+        await store.close()
+        client.close()
+    np.testing.assert_array_equal(rows, second[None, :])
+    assert misses == 0
