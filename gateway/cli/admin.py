@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -265,10 +264,11 @@ def canary_status(
     if not canary.enabled:
         console.print(_literal(f"{model}: no automated canary (no canary block, or no Redis)"))
         return
-    console.print(_literal(
-        f"canary of {canary.candidate}: {canary.state}, step {canary.step_index + 1}, "
-        f"{canary.current_percent}% | leader: {canary.leader or 'none'}"
-    ))
+    leader = "unknown (route store unreachable)" if route.stale else canary.leader or "none"
+    step = f"step {canary.step}/{canary.steps}" if canary.step else f"not started ({canary.steps} steps)"
+    console.print(_literal(f"canary of {canary.candidate}: {canary.state}, {step}, {canary.current_percent}% | leader: {leader}"))
+    if canary.HasField("last_window"):
+        _print_window(canary)
     if canary.last_reason:
         console.print(_literal(f"last: {canary.last_reason}"))
 
@@ -341,6 +341,27 @@ def _watch(model: str, conn: Connection) -> None:
         client.close()
 
 
+def _print_window(canary: pb.CanaryStatus) -> None:
+    """The last judged window: baseline beside candidate, and the limits they were judged against."""
+    window, limits = canary.last_window, canary.limits
+    end = window.start_unix_s + window.length_s
+    table = Table(title=f"last judged window {_time(window.start_unix_s)} to {_time(end)[11:]} UTC: {window.verdict}")
+    for column in ("variant", "role", "calls", "errors", "error ratio", "p99", "accuracy"):
+        table.add_column(column, overflow="fold")
+    for role, stats in (("baseline", window.baseline), ("candidate", window.candidate)):
+        table.add_row(*map(_literal, (
+            stats.variant, role, str(stats.requests), str(stats.errors), f"{stats.error_ratio:.3f}",
+            f"{stats.p99_ms:.1f} ms" if stats.p99_ms else "n/a",
+            f"{stats.accuracy:.3f} ({stats.labelled} labels)" if stats.labelled else "no labels",
+        )))
+    _print_table(table)
+    _console().print(_literal(
+        f"judged when the candidate has {limits.min_requests} calls: error ratio <= baseline + "
+        f"{limits.max_error_rate_increase:g}, p99 <= {limits.max_p99_latency_ratio:g} x baseline, accuracy >= "
+        f"baseline - {limits.max_accuracy_decrease:g} (with {limits.min_labels} labels each)"
+    ))
+
+
 def _print_change(response: pb.RouteChangeResponse, as_json: bool) -> None:
     if as_json:
         _print_json(_to_dict(response.route))
@@ -349,7 +370,14 @@ def _print_change(response: pb.RouteChangeResponse, as_json: bool) -> None:
 
 
 def _print_routes(found: Sequence[pb.Route]) -> None:
-    table = Table()
+    stale = [route for route in found if route.stale]
+    if stale:
+        since = min(route.stale_since_unix_s for route in stale)
+        _console().print(_literal(
+            f"STALE: {stale[0].replica or 'this replica'} cannot reach the route store (Redis) since {_time(since)} UTC; "
+            f"below are the routes it is serving from memory (other replicas may differ; changes fail until Redis is back)"
+        ))
+    table = Table(title="STALE routes (Redis unreachable)" if stale else None)
     for column in ("model", "rev", "variant", "weight", "share", "health", "backend", "fallback", "notes"):
         table.add_column(column, overflow="fold")
     for route in found:
@@ -362,6 +390,8 @@ def _print_routes(found: Sequence[pb.Route]) -> None:
                 notes.append(f"shadow {route.shadow_percent}%")
             if route.canary.enabled and variant.name == route.canary.candidate:
                 notes.append(f"canary {route.canary.state}")
+            if route.stale:
+                notes.append("stale")
             table.add_row(*map(_literal, (
                 route.model if index == 0 else "",
                 str(route.revision) if index == 0 else "",
