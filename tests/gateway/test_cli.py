@@ -46,6 +46,24 @@ def test_every_command_is_registered_once_from_the_cli_package():
     assert not [path for path in legacy + [ROOT / "gateway" / "auth" / "commands.py"] if path.exists()]
 
 
+def test_admin_commands_take_the_connection_options_declared_once():
+    import inspect
+
+    import typer.main
+
+    from infergate.gateway.cli import admin
+
+    group = typer.main.get_command(app)
+    commands = [group.commands["routes"], group.commands["audit"], *group.commands["canary"].commands.values()]
+    assert len(commands) == 6
+    for command in commands:
+        options = [opt for param in command.params for opt in param.opts]
+        for name in ("--gateway", "--token", "--json", "--ca-file", "--cert-file", "--key-file", "--timeout-s"):
+            assert options.count(name) == 1, (command.name, name)
+        assert "--install-completion" not in options
+    assert inspect.getsource(admin).count('"--gateway"') == 1
+
+
 def test_version_is_printed_by_the_installed_command():
     done = subprocess.run([sys.executable, "-m", "infergate", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
