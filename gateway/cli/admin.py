@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import grpc
 import typer
 from typer.core import TyperCommand
@@ -71,7 +70,7 @@ def _connection_options(
     """The options every admin command takes, declared once; ``AdminCommand`` adds them to each."""
 
 
-def connection_options() -> list[click.Parameter]:
+def connection_options() -> list:
     """``_connection_options``' parameters as typer makes them (help, env vars, defaults, types)."""
     options = typer.Typer(add_completion=False)
     options.command()(_connection_options)
@@ -87,7 +86,7 @@ class AdminCommand(TyperCommand):
         super().__init__(*args, **kwargs)
         self.params.extend(connection_options())
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         values = {name: ctx.params.pop(name) for name in inspect.signature(_connection_options).parameters}
         for name in ("ca_file", "cert_file", "key_file"):
             values[name] = Path(values[name]) if values[name] is not None else None
