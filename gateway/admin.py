@@ -5,8 +5,10 @@ Each method checks that the caller may administer routes (``Identity.may_admin``
 the route store and converts back. The caller's token subject is what the audit log records.
 
 Changes need Redis (``redis.url``): without it the routes are the config's and change calls fail
-with FAILED_PRECONDITION. With Redis configured but unreachable every call fails UNAVAILABLE while
-the replica keeps serving its last known routes.
+with FAILED_PRECONDITION. With Redis configured but unreachable, changes, the audit log and watches
+fail UNAVAILABLE while the replica keeps serving its last known routes; ListRoutes and GetRoute
+answer with those routes from memory, each marked ``stale`` with the time the store was lost, since
+that is when an operator most needs to see what a replica serves.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from infergate.gateway.identity import Identity, current_identity
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline
 from infergate.gateway.servicer import status_boundary
 from infergate.router.audit import AuditRecord
-from infergate.router.canary import CanaryController, CanaryState
+from infergate.router.canary import CanaryController, CanaryState, VariantStats
 from infergate.router.state import RouteStore
 from infergate.router.table import Route, RouteTable
 
@@ -64,18 +66,51 @@ def route_to_pb(route: Route, endpoint: ModelEndpoint, canary: pb.CanaryStatus |
     return message
 
 
-def canary_to_pb(candidate: str, state: CanaryState | None, leader: str) -> pb.CanaryStatus:
-    if state is None:
-        return pb.CanaryStatus(enabled=True, candidate=candidate, state="idle", leader=leader,
-                               last_reason="not started yet")
-    return pb.CanaryStatus(
+def canary_to_pb(controller: CanaryController, state: CanaryState | None, leader: str) -> pb.CanaryStatus:
+    """The run's status; steps counted from 1 (``step: 2, steps: 4`` is the text's "step 2/4")."""
+    config = controller.config
+    message = pb.CanaryStatus(
         enabled=True,
-        candidate=state.candidate or candidate,
-        state=state.state,
-        step_index=state.step_index,
-        current_percent=state.current_percent,
-        last_reason=state.last_reason,
+        candidate=config.candidate,
+        state="idle",
         leader=leader,
+        last_reason="not started yet",
+        steps=len(config.steps_percent),
+        limits=pb.CanaryLimits(
+            min_requests=config.min_requests,
+            max_error_rate_increase=config.max_error_rate_increase,
+            max_p99_latency_ratio=config.max_p99_latency_ratio,
+            min_labels=config.min_labels,
+            max_accuracy_decrease=config.max_accuracy_decrease,
+        ),
+    )
+    if state is None:
+        return message
+    message.candidate = state.candidate or config.candidate
+    message.state = state.state
+    message.step = state.step
+    message.current_percent = state.current_percent
+    message.last_reason = state.last_reason
+    if state.baseline_stats is not None and state.candidate_stats is not None and state.stats_window >= 0:
+        message.last_window.CopyFrom(pb.CanaryWindow(
+            start_unix_s=state.stats_window * config.interval_s,
+            length_s=config.interval_s,
+            baseline=_stats_to_pb(controller.baseline, state.baseline_stats),
+            candidate=_stats_to_pb(config.candidate, state.candidate_stats),
+            verdict=state.verdict,
+        ))
+    return message
+
+
+def _stats_to_pb(variant: str, stats: VariantStats) -> pb.CanaryVariantStats:
+    return pb.CanaryVariantStats(
+        variant=variant,
+        requests=stats.requests,
+        errors=stats.errors,
+        error_ratio=stats.error_rate,
+        p99_ms=(stats.p99_s or 0.0) * 1000,
+        labelled=stats.labelled,
+        accuracy=stats.accuracy or 0.0,
     )
 
 
@@ -143,15 +178,13 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
     async def ListRoutes(self, request, context):
         async with status_boundary(context):
             _admin()
-            self._check_reachable("list routes")
-            return pb.ListRoutesResponse(routes=[await self._route(model) for model in self._pipeline.endpoints])
+            return pb.ListRoutesResponse(routes=[await self._read(model) for model in self._pipeline.endpoints])
 
     async def GetRoute(self, request, context):
         async with status_boundary(context):
             _admin()
             self._pipeline.endpoint(request.model)
-            self._check_reachable("read the route")
-            return pb.GetRouteResponse(route=await self._route(request.model))
+            return pb.GetRouteResponse(route=await self._read(request.model))
 
     async def SetWeights(self, request, context):
         async with status_boundary(context):
@@ -237,9 +270,25 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
             raise FailedPrecondition("route changes need Redis: set redis.url (this gateway serves the config's routes)")
         return self._store
 
-    def _check_reachable(self, what: str) -> None:
-        if self._store is not None:
-            self._store.require_connected(what)
+    async def _read(self, model: str) -> pb.Route:
+        """The route this replica serves; from memory and marked stale while Redis is unreachable."""
+        if self._store is not None and not self._store.connected:
+            return self._stale_route(model, self._store)
+        try:
+            return await self._route(model)
+        except Unavailable:
+            if self._store is None:
+                raise
+            return self._stale_route(model, self._store)  # Redis went away between the check and the read
+
+    def _stale_route(self, model: str, store: RouteStore) -> pb.Route:
+        controller = self._canaries.get(model)
+        canary = canary_to_pb(controller, controller.last_known, "") if controller is not None else None
+        message = route_to_pb(self._routes.get(model), self._pipeline.endpoint(model), canary)
+        message.stale = True
+        message.stale_since_unix_s = store.unreachable_since or 0.0
+        message.replica = store.replica_id
+        return message
 
     async def _route(self, model: str, route: Route | None = None) -> pb.Route:
         endpoint = self._pipeline.endpoint(model)
@@ -247,5 +296,5 @@ class RoutingAdminServicer(pb_grpc.RoutingAdminServicer):
         controller = self._canaries.get(model)
         canary = None
         if controller is not None:
-            canary = canary_to_pb(controller.config.candidate, await controller.status(), await controller.leader())
+            canary = canary_to_pb(controller, await controller.status(), await controller.leader())
         return route_to_pb(route, endpoint, canary)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import json
 import logging
 import math
 import time
@@ -121,6 +122,14 @@ class VariantStats:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
+    def describe(self) -> str:
+        """``"240 calls, 3 errors (0.013), p99 12.1 ms, accuracy 0.910 (91/100 labels)"``: the numbers judged."""
+        p99 = f"{self.p99_s * 1000:.1f} ms" if self.p99_s else "n/a"
+        text = f"{self.requests} calls, {self.errors} errors ({self.error_rate:.3f}), p99 {p99}"
+        if self.labelled:
+            text += f", accuracy {self.accuracy:.3f} ({self.correct}/{self.labelled} labels)"
+        return text
+
     @classmethod
     def from_fields(cls, variant: str, fields: Mapping[str, str]) -> VariantStats:
         counts: dict[int, int] = {}
@@ -159,7 +168,16 @@ class Verdict:
 
 
 def judge(config: CanaryConfig, baseline: VariantStats, candidate: VariantStats) -> Verdict:
-    """The verdict on one window (a pure function of the two variants' numbers)."""
+    """The verdict on one window (a pure function of the two variants' numbers).
+
+    The reason names the rule that decided and ends with both variants' numbers, candidate beside
+    baseline (``[candidate ... | baseline ...]``), whatever the verdict.
+    """
+    verdict = _judge(config, baseline, candidate)
+    return replace(verdict, reason=f"{verdict.reason} [candidate {candidate.describe()} | baseline {baseline.describe()}]")
+
+
+def _judge(config: CanaryConfig, baseline: VariantStats, candidate: VariantStats) -> Verdict:
     if candidate.requests < max(config.min_requests, 1):
         return Verdict(None, f"waiting for data: {candidate.requests} of {config.min_requests} candidate calls")
     limit = baseline.error_rate + config.max_error_rate_increase
@@ -182,11 +200,7 @@ def judge(config: CanaryConfig, baseline: VariantStats, candidate: VariantStats)
             f"candidate accuracy {candidate.accuracy:.3f} ({candidate.correct}/{candidate.labelled} labels) below "
             f"baseline {baseline.accuracy:.3f} - {config.max_accuracy_decrease:g}",
         )
-    p99 = f"{candidate.p99_s * 1000:.1f} ms" if candidate.p99_s else "n/a"
-    accuracy = f", accuracy {candidate.accuracy:.3f}" if labelled else ""
-    return Verdict(
-        True, f"candidate healthy: {candidate.requests} calls, error rate {candidate.error_rate:.3f}, p99 {p99}{accuracy}"
-    )
+    return Verdict(True, "candidate healthy")
 
 
 @dataclass(frozen=True)
@@ -203,9 +217,24 @@ class CanaryState:
     """The last window judged (or the window the current step began in)."""
     revision: int = 0
     """The route revision the controller last wrote; another revision means someone else changed it."""
+    stats_window: int = -1
+    """The window whose numbers ``baseline_stats`` and ``candidate_stats`` are (-1: none judged yet)."""
+    baseline_stats: VariantStats | None = None
+    candidate_stats: VariantStats | None = None
+    verdict: str = ""
+    """That window's verdict: ``healthy``, ``unhealthy`` or ``waiting``."""
+
+    @property
+    def step(self) -> int:
+        """The current step counted from 1, as every text and the admin API say it."""
+        return self.step_index + 1
 
     def to_fields(self) -> dict[str, str]:
-        return {name: str(value) for name, value in asdict(self).items()}
+        fields = {name: str(getattr(self, name)) for name in _SCALAR_FIELDS}
+        for name in ("baseline_stats", "candidate_stats"):
+            stats = getattr(self, name)
+            fields[name] = json.dumps(asdict(stats)) if stats is not None else ""
+        return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> CanaryState:
@@ -218,7 +247,21 @@ class CanaryState:
             last_reason=fields.get("last_reason", ""),
             judged_window=int(fields.get("judged_window", 0)),
             revision=int(fields.get("revision", 0)),
+            stats_window=int(fields.get("stats_window", -1)),
+            baseline_stats=_stats_from_json(fields.get("baseline_stats", "")),
+            candidate_stats=_stats_from_json(fields.get("candidate_stats", "")),
+            verdict=fields.get("verdict", ""),
         )
+
+
+_SCALAR_FIELDS = (
+    "fingerprint", "candidate", "state", "step_index", "current_percent", "last_reason", "judged_window", "revision",
+    "stats_window", "verdict",
+)
+
+
+def _stats_from_json(text: str) -> VariantStats | None:
+    return VariantStats(**json.loads(text)) if text else None
 
 
 @dataclass
@@ -261,6 +304,11 @@ class CanaryController:
     @property
     def is_leader(self) -> bool:
         return self._leader
+
+    @property
+    def last_known(self) -> CanaryState | None:
+        """The run state this replica last read or wrote (what it reports while Redis is unreachable)."""
+        return self._known
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -426,8 +474,11 @@ class CanaryController:
         # Every replica flushes each tick: give the last flush of the closed window time to land.
         if self._wall_clock() < (closed + 1) * self.config.interval_s + 1.5 * self.tick_s:
             return
-        verdict = judge(self.config, *await self.window_stats(closed))
+        baseline, candidate = await self.window_stats(closed)
+        verdict = judge(self.config, baseline, candidate)
         log.info("canary %s window %d at %d%%: %s", self.model, closed, state.current_percent, verdict.reason)
+        state = replace(state, stats_window=closed, baseline_stats=baseline, candidate_stats=candidate,
+                        verdict={None: "waiting", True: "healthy", False: "unhealthy"}[verdict.healthy])
         if verdict.healthy is None:
             await self._write_state(replace(state, judged_window=closed, last_reason=verdict.reason))
         elif not verdict.healthy:
@@ -447,7 +498,7 @@ class CanaryController:
         percent = self.config.steps_percent[0]
         state = CanaryState(self.fingerprint, self.config.candidate, judged_window=self._window())
         status = PROMOTED if percent == 100 else PROGRESSING
-        reason = f"canary of {self.config.candidate} started at {percent}%"
+        reason = f"canary of {self.config.candidate} started: step 1/{len(self.config.steps_percent)} at {percent}%"
         await self._set_percent(state, route, percent, status, 0, reason, "canary_start")
 
     async def _set_percent(

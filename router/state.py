@@ -203,6 +203,7 @@ class RouteStore:
         self._task: asyncio.Task | None = None
         self._synced: asyncio.Event | None = None
         self._connected = False
+        self._unreachable_since: float | None = None
         self._config_applied = False
         self._ignored: set[tuple[str, str]] = set()
         self._scripts: dict[str, Any] = {}
@@ -216,6 +217,7 @@ class RouteStore:
         keeps trying in the background.
         """
         self._client = connect(self._url, self._socket_timeout_s)
+        self._unreachable_since = self._wall_clock()  # until the first sync succeeds
         self._synced = asyncio.Event()
         self._task = asyncio.create_task(self._sync_forever(), name="infergate-route-sync")
         try:
@@ -249,6 +251,11 @@ class RouteStore:
     def connected(self) -> bool:
         """Whether the sync task currently holds a live subscription."""
         return self._connected
+
+    @property
+    def unreachable_since(self) -> float | None:
+        """Wall-clock time since which Redis has been unreachable (None while connected)."""
+        return None if self._connected else self._unreachable_since
 
     def add_listener(self, listener: RouteListener) -> None:
         self._listeners.append(listener)
@@ -359,6 +366,7 @@ class RouteStore:
                     log.warning("route store reachable again; routes resynchronised")
                 outage_logged = False
                 self._connected = True
+                self._unreachable_since = None
                 metrics.REDIS_UP.labels("route_store").set(1)
                 assert self._synced is not None
                 self._synced.set()
@@ -374,6 +382,8 @@ class RouteStore:
                 log.exception("route sync failed; retrying")
             finally:
                 self._connected = False
+                if self._unreachable_since is None:
+                    self._unreachable_since = self._wall_clock()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(self._retry_interval_s)

@@ -4,7 +4,8 @@ Session-scoped servers are shared to keep the suite fast; a test that kills or r
 starts its own. Every fixture checks on the way out that its process is gone.
 
 Tiers: every test is marked from what it uses, never by hand. ``redis`` when it uses the Redis
-fixtures, ``triton`` when it uses Triton's, ``subprocess`` when it starts processes: a process
+fixtures, ``triton`` when it uses Triton's (also as the parameter of a fixture that fetches the
+fixture it names), ``subprocess`` when it starts processes: a process
 fixture (``gateway_process``, the shared e2e gateways) or, read from the source, a call to
 ``subprocess``, a ``...Process(`` class, or a helper of the test tree that does either. ``make
 test-fast`` runs the rest (``-m "not redis and not triton and not subprocess"``) in seconds.
@@ -59,6 +60,10 @@ def pytest_collection_modifyitems(config, items):
     calls = re.compile(r"\b(" + "|".join(map(re.escape, sorted(helpers))) + r")\(") if helpers else None
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
+        # A parametrized fixture whose parameter names the fixture it fetches (request.getfixturevalue):
+        # e.g. tests/e2e/test_serving.py's backend kinds. The parameter counts as a fixture used.
+        callspec = getattr(item, "callspec", None)
+        used |= {value for value in (callspec.params.values() if callspec else ()) if isinstance(value, str)}
         marks = {tier for tier, fixtures in TIER_FIXTURES.items() if used & fixtures}
         function = getattr(item, "function", None)
         if "subprocess" not in marks and function is not None:

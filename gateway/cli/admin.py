@@ -1,8 +1,11 @@
 """Admin commands over the RoutingAdmin API: ``routes``, ``canary set|promote|rollback|status``, ``audit``.
 
-Each command talks to one gateway (``--gateway HOST:PORT`` or ``INFERGATE_GATEWAY``), sends
-``authorization: Bearer <token>`` when ``--token``/``INFERGATE_TOKEN`` is given, prints a table by
-default and JSON with ``--json``, and on a gRPC error prints ``infergate: <STATUS>: <message>`` and
+The connection options (``--gateway``, ``--token``, ``--json``, TLS files, ``--timeout-s``) are
+declared once, in ``_connection_options``; every admin command is an ``AdminCommand``, which adds
+them after its own parameters and hands the command one ``Connection``. Each command talks to
+one gateway (``--gateway HOST:PORT`` or ``INFERGATE_GATEWAY``), sends ``authorization: Bearer
+<token>`` when ``--token``/``INFERGATE_TOKEN`` is given, prints a table by default and JSON with
+``--json``, and on a gRPC error prints ``infergate: <STATUS>: <message>`` and
 exits 1 (2 for bad arguments). Any replica will do: the change is stored in Redis and every replica
 applies it.
 """
@@ -10,17 +13,18 @@ applies it.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import sys
-import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import grpc
 import typer
+from typer.core import TyperCommand
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
@@ -52,6 +56,51 @@ KeyFileOption = Annotated[
 ]
 TimeoutOption = Annotated[float, typer.Option("--timeout-s", help="Deadline of each call.")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why; recorded in the audit log.")]
+
+
+def _connection_options(
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = "",
+    as_json: JsonOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    timeout_s: TimeoutOption = 10.0,
+) -> None:
+    """The options every admin command takes, declared once; ``AdminCommand`` adds them to each."""
+
+
+def connection_options() -> list:
+    """``_connection_options``' parameters as typer makes them (help, env vars, defaults, types)."""
+    options = typer.Typer(add_completion=False)
+    options.command()(_connection_options)
+    names = set(inspect.signature(_connection_options).parameters)
+    return [param for param in typer.main.get_command(options).params if param.name in names]
+
+
+class AdminCommand(TyperCommand):
+    """An admin command: its own parameters plus the connection options, which it takes out of the
+    parsed values and hands to the command as one ``Connection`` (``connection(ctx)``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(connection_options())
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        values = {name: ctx.params.pop(name) for name in inspect.signature(_connection_options).parameters}
+        for name in ("ca_file", "cert_file", "key_file"):
+            values[name] = Path(values[name]) if values[name] is not None else None
+        ctx.meta[_CONNECTION] = Connection(**values)
+        return super().invoke(ctx)
+
+
+_CONNECTION = "infergate.admin.connection"
+
+
+def connection(ctx: typer.Context) -> Connection:
+    """The connection options of the admin command being run."""
+    return ctx.meta[_CONNECTION]
+
 
 commands = typer.Typer()
 canary_app = typer.Typer(no_args_is_help=True, help="Change a model's variant weights: by hand, or see the automated canary.")
@@ -153,20 +202,14 @@ def _fail_usage(message: str) -> None:
 # -- commands ------------------------------------------------------------------------------------
 
 
-@commands.command("routes")
+@commands.command("routes", cls=AdminCommand)
 def routes(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
     watch: Annotated[bool, typer.Option("--watch", help="Keep printing route changes as they happen.")] = False,
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    cert_file: CertFileOption = None,
-    key_file: KeyFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Show models with their variants, weights, revision and health (--watch: follow changes)."""
-    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
+    conn = connection(ctx)
     if watch:
         _watch(model, conn)
         return
@@ -180,24 +223,18 @@ def routes(
         _print_routes(found)
 
 
-@canary_app.command("set")
+@canary_app.command("set", cls=AdminCommand)
 def canary_set(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model name.")],
     weights: Annotated[list[str], typer.Argument(help="VARIANT=WEIGHT pairs, e.g. v1=90 v2=10 (others go to 0).")],
     reason: ReasonOption = "",
     expect_revision: Annotated[
         int, typer.Option("--expect-revision", help="Refuse (ABORTED) unless the route is at this revision; 0 skips.")
     ] = 0,
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    cert_file: CertFileOption = None,
-    key_file: KeyFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Set a model's weights atomically (rejected whole when any part is wrong)."""
-    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
+    conn = connection(ctx)
     request = pb.SetWeightsRequest(
         model=model, weights=parse_weights(weights), expected_revision=expect_revision, reason=reason,
         request_id=uuid.uuid4().hex,
@@ -205,56 +242,38 @@ def canary_set(
     _print_change(conn.call("SetWeights", request), conn.as_json)
 
 
-@canary_app.command("promote")
+@canary_app.command("promote", cls=AdminCommand)
 def canary_promote(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model name.")],
     variant: Annotated[str, typer.Argument(help="Variant to give all traffic.")],
     reason: ReasonOption = "",
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    cert_file: CertFileOption = None,
-    key_file: KeyFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """VARIANT to 100, every other variant to 0."""
-    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
+    conn = connection(ctx)
     request = pb.PromoteRequest(model=model, variant=variant, reason=reason, request_id=uuid.uuid4().hex)
     _print_change(conn.call("Promote", request), conn.as_json)
 
 
-@canary_app.command("rollback")
+@canary_app.command("rollback", cls=AdminCommand)
 def canary_rollback(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model name.")],
     reason: ReasonOption = "",
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    cert_file: CertFileOption = None,
-    key_file: KeyFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Back to the baseline (the model's first variant in config) at 100."""
-    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
+    conn = connection(ctx)
     request = pb.RollbackRequest(model=model, reason=reason, request_id=uuid.uuid4().hex)
     _print_change(conn.call("Rollback", request), conn.as_json)
 
 
-@canary_app.command("status")
+@canary_app.command("status", cls=AdminCommand)
 def canary_status(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model name.")],
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    cert_file: CertFileOption = None,
-    key_file: KeyFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """The route and the automated canary's progress (state, step, last reason, leading replica)."""
-    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
+    conn = connection(ctx)
     route = conn.call("GetRoute", pb.GetRouteRequest(model=model)).route
     if conn.as_json:
         _print_json(_to_dict(route))
@@ -265,28 +284,23 @@ def canary_status(
     if not canary.enabled:
         console.print(_literal(f"{model}: no automated canary (no canary block, or no Redis)"))
         return
-    console.print(_literal(
-        f"canary of {canary.candidate}: {canary.state}, step {canary.step_index + 1}, "
-        f"{canary.current_percent}% | leader: {canary.leader or 'none'}"
-    ))
+    leader = "unknown (route store unreachable)" if route.stale else canary.leader or "none"
+    step = f"step {canary.step}/{canary.steps}" if canary.step else f"not started ({canary.steps} steps)"
+    console.print(_literal(f"canary of {canary.candidate}: {canary.state}, {step}, {canary.current_percent}% | leader: {leader}"))
+    if canary.HasField("last_window"):
+        _print_window(canary)
     if canary.last_reason:
         console.print(_literal(f"last: {canary.last_reason}"))
 
 
-@commands.command("audit")
+@commands.command("audit", cls=AdminCommand)
 def audit(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="One model (default: every model).")] = "",
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Newest entries to show.")] = 20,
-    gateway: GatewayOption = DEFAULT_GATEWAY,
-    token: TokenOption = "",
-    as_json: JsonOption = False,
-    ca_file: CaFileOption = None,
-    cert_file: CertFileOption = None,
-    key_file: KeyFileOption = None,
-    timeout_s: TimeoutOption = 10.0,
 ) -> None:
     """Who changed which route, when, from which weights to which, and why (newest first)."""
-    conn = Connection(gateway, token, as_json, ca_file, timeout_s, cert_file, key_file)
+    conn = connection(ctx)
     response = conn.call("GetAuditLog", pb.GetAuditLogRequest(model=model, limit=limit))
     if conn.as_json:
         _print_json({"entries": [_to_dict(entry) for entry in response.entries]})
@@ -341,6 +355,27 @@ def _watch(model: str, conn: Connection) -> None:
         client.close()
 
 
+def _print_window(canary: pb.CanaryStatus) -> None:
+    """The last judged window: baseline beside candidate, and the limits they were judged against."""
+    window, limits = canary.last_window, canary.limits
+    end = window.start_unix_s + window.length_s
+    table = Table(title=f"last judged window {_time(window.start_unix_s)} to {_time(end)[11:]} UTC: {window.verdict}")
+    for column in ("variant", "role", "calls", "errors", "error ratio", "p99", "accuracy"):
+        table.add_column(column, overflow="fold")
+    for role, stats in (("baseline", window.baseline), ("candidate", window.candidate)):
+        table.add_row(*map(_literal, (
+            stats.variant, role, str(stats.requests), str(stats.errors), f"{stats.error_ratio:.3f}",
+            f"{stats.p99_ms:.1f} ms" if stats.p99_ms else "n/a",
+            f"{stats.accuracy:.3f} ({stats.labelled} labels)" if stats.labelled else "no labels",
+        )))
+    _print_table(table)
+    _console().print(_literal(
+        f"judged when the candidate has {limits.min_requests} calls: error ratio <= baseline + "
+        f"{limits.max_error_rate_increase:g}, p99 <= {limits.max_p99_latency_ratio:g} x baseline, accuracy >= "
+        f"baseline - {limits.max_accuracy_decrease:g} (with {limits.min_labels} labels each)"
+    ))
+
+
 def _print_change(response: pb.RouteChangeResponse, as_json: bool) -> None:
     if as_json:
         _print_json(_to_dict(response.route))
@@ -349,7 +384,14 @@ def _print_change(response: pb.RouteChangeResponse, as_json: bool) -> None:
 
 
 def _print_routes(found: Sequence[pb.Route]) -> None:
-    table = Table()
+    stale = [route for route in found if route.stale]
+    if stale:
+        since = min(route.stale_since_unix_s for route in stale)
+        _console().print(_literal(
+            f"STALE: {stale[0].replica or 'this replica'} cannot reach the route store (Redis) since {_time(since)} UTC; "
+            f"below are the routes it is serving from memory (other replicas may differ; changes fail until Redis is back)"
+        ))
+    table = Table(title="STALE routes (Redis unreachable)" if stale else None)
     for column in ("model", "rev", "variant", "weight", "share", "health", "backend", "fallback", "notes"):
         table.add_column(column, overflow="fold")
     for route in found:
@@ -362,6 +404,8 @@ def _print_routes(found: Sequence[pb.Route]) -> None:
                 notes.append(f"shadow {route.shadow_percent}%")
             if route.canary.enabled and variant.name == route.canary.candidate:
                 notes.append(f"canary {route.canary.state}")
+            if route.stale:
+                notes.append("stale")
             table.add_row(*map(_literal, (
                 route.model if index == 0 else "",
                 str(route.revision) if index == 0 else "",

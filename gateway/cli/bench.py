@@ -69,7 +69,10 @@ def bench_command(
     client_cpus: str = typer.Option("", "--client-cpus", help="CPUs for the load generator [default: the other CPUs]."),
     load: str = typer.Option("raw", "--load", help="raw: one pre-serialized request over grpc.aio (light); tritonclient: the real client."),
     load_processes: int = typer.Option(1, "--load-processes", min=1, help="Spread the callers over this many processes."),
-    plot: bool = typer.Option(True, "--plot/--no-plot", help="Draw latency.png (needs matplotlib: infergate[bench])."),
+    plot: Optional[bool] = typer.Option(
+        None, "--plot/--no-plot", show_default=False,
+        help="Draw latency.png (needs matplotlib: infergate[bench]) [default: when matplotlib is installed].",
+    ),
 ) -> None:
     """Measure requests/s, latency percentiles and server CPU per call of targets side by side; write results, report, plot."""
     from infergate.benchmarks.loadgen import MODES
@@ -93,8 +96,13 @@ def bench_command(
         for r in parse_numbers(rate, float, "--rate", 0)
     ]
     tls = client_tls_or_usage_error(ca_file, cert_file, key_file, scenario)
-    if plot and importlib.util.find_spec("matplotlib") is None:
-        raise refuse("the plot needs matplotlib, which is not installed: pip install 'infergate[bench]' (or add --no-plot)")
+    if plot is not False and importlib.util.find_spec("matplotlib") is None:
+        if plot:
+            raise refuse("the plot needs matplotlib, which is not installed: pip install 'infergate[bench]' (or add --no-plot)")
+        typer.echo("infergate bench: no latency.png (matplotlib is not installed: pip install 'infergate[bench]'); "
+                   "writing results.json and report.md", err=True)
+        plot = False
+    plot = plot is not False
     scenarios = scenario_module() if scenario else None
     if scenarios is not None and scenario not in scenarios.SCENARIOS:
         raise typer.BadParameter(f"{scenario!r}: known scenarios are {', '.join(scenarios.SCENARIOS)}", param_hint="--scenario")

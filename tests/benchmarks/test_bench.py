@@ -120,20 +120,35 @@ def test_unknown_baseline_is_refused_before_measuring(tmp_path):
     assert not (tmp_path / "bench").exists()
 
 
-def test_missing_matplotlib_is_said_in_one_line_before_measuring(tmp_path):
+def _bench_without_matplotlib(tmp_path, *options: str) -> subprocess.CompletedProcess:
     """Run as an environment without matplotlib: the import system answers "not installed" for it."""
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
         "from infergate.gateway.cli import main\n"
-        f"sys.argv = ['infergate', 'bench', '--target', 'a=127.0.0.1:{free_port()}', '--out', {str(tmp_path / 'b')!r}]\n"
+        f"sys.argv = ['infergate', 'bench', '--target', 'a=127.0.0.1:{free_port()}', '--out', {str(tmp_path / 'b')!r},"
+        f" *{list(options)!r}]\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+def test_missing_matplotlib_with_plot_asked_for_is_said_in_one_line_before_measuring(tmp_path):
+    done = _bench_without_matplotlib(tmp_path, "--plot")
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip() == (
         "infergate bench: the plot needs matplotlib, which is not installed: pip install 'infergate[bench]' (or add --no-plot)"
     )
     assert done.stdout == "" and not (tmp_path / "b").exists()
+
+
+def test_missing_matplotlib_by_default_is_said_first_and_the_run_goes_on_without_the_plot(tmp_path):
+    """A plain ``pip install infergate`` can bench: the plot is left out, in one line, before any work."""
+    done = _bench_without_matplotlib(tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == ("infergate bench: no latency.png (matplotlib is not installed: pip install 'infergate[bench]'); "
+                        "writing results.json and report.md")
+    # The run went on to the measurement: the target (nobody listens) stops it there, with its status.
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done.stdout + done.stderr
 
 
 def test_target_pid_gives_cpu_per_call_and_several_load_processes_share_the_callers(tmp_path):

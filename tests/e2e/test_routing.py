@@ -440,7 +440,9 @@ async def test_redis_stopped_and_restarted_serving_continues_then_resynchronises
             urls = [a.url, b.url]
             revision = settle(urls, "ab", {"v1": 0, "v2": 100})
             redis_server.stop()
-            wait_until(lambda: _route_or_none(a.url, "ab") is None, WAIT_S, what="the outage seen by the admin API")
+            stale = wait_until(lambda: (route := get_route(a.url, "ab")).stale and route, WAIT_S,
+                               what="the outage seen by the admin API")
+            assert (stale.revision, weights_of(stale)) == (revision, {"v1": 0, "v2": 100})  # served from memory
             with contextlib.closing(grpcclient.InferenceServerClient(a.url)) as ca, \
                     contextlib.closing(grpcclient.InferenceServerClient(b.url)) as cb:
                 assert {variant_of(c, "ab") for c in (ca, cb) for _ in range(20)} == {"v2"}
@@ -450,7 +452,8 @@ async def test_redis_stopped_and_restarted_serving_continues_then_resynchronises
 
                 redis_server.start()
                 for url in urls:
-                    route = wait_until(lambda url=url: _route_or_none(url, "ab"), WAIT_S, what=f"{url} back on Redis")
+                    route = wait_until(lambda url=url: (r := get_route(url, "ab")) and not r.stale and r, WAIT_S,
+                                       what=f"{url} back on Redis")
                     assert (route.revision, weights_of(route)) == (revision, {"v1": 0, "v2": 100})
                 changed = set_weights(a.url, "ab", {"v1": 100, "v2": 0}, expected_revision=revision, reason="after outage")
                 acknowledged = time.monotonic()
@@ -460,11 +463,3 @@ async def test_redis_stopped_and_restarted_serving_continues_then_resynchronises
     finally:
         redis_server.stop()
 
-
-def _route_or_none(url: str, model: str) -> apb.Route | None:
-    try:
-        return get_route(url, model)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
-        return None

@@ -115,6 +115,18 @@ def test_judge_rules():
     assert judge(config, VariantStats(0, 0, None), VariantStats(20, 0, 0.5)).healthy is True  # nothing to compare
 
 
+def test_every_reason_ends_with_the_candidates_and_the_baselines_numbers():
+    config = canary_config()
+    baseline, candidate = VariantStats(300, 3, 0.010), VariantStats(20, 2, 0.0121)
+    verdict = judge(config, baseline, candidate)
+    assert verdict.healthy is False
+    assert verdict.reason.endswith(
+        "[candidate 20 calls, 2 errors (0.100), p99 12.1 ms | baseline 300 calls, 3 errors (0.010), p99 10.0 ms]")
+    waiting = judge(config, baseline, VariantStats(4, 0, None, labelled=10, correct=9)).reason
+    assert waiting.endswith("[candidate 4 calls, 0 errors (0.000), p99 n/a, accuracy 0.900 (9/10 labels) | "
+                            "baseline 300 calls, 3 errors (0.010), p99 10.0 ms]")
+
+
 def test_judge_uses_accuracy_when_both_variants_have_enough_labels():
     config = canary_config(min_labels=50, max_accuracy_decrease=0.02)
     baseline = VariantStats(100, 0, 0.010, labelled=100, correct=90)
@@ -156,7 +168,11 @@ async def test_healthy_candidate_is_stepped_up_to_100(redis_url, wall):
         await interval(c, wall)
         assert await weights(store) == {"v1": 0, "v2": 100, "v1_cpu": 0}
         status = await c.status()
-        assert status is not None and (status.state, status.current_percent, status.step_index) == (PROMOTED, 100, 2)
+        assert status is not None and (status.state, status.current_percent, status.step) == (PROMOTED, 100, 3)
+        # The window that decided, both variants' numbers, kept with the run state (read back from Redis).
+        assert status.verdict == "healthy" and status.stats_window == int(wall.now // INTERVAL_S) - 1
+        assert (status.baseline_stats.requests, status.candidate_stats.requests) == (200, 40)
+        assert status.candidate_stats.p99_s == pytest.approx(0.010, rel=0.11)
         log = await store.audit_log("fraud")
     assert [(e.subject, e.action) for e in log[:3]] == [
         (SUBJECT, "canary_step"), (SUBJECT, "canary_step"), (SUBJECT, "canary_start")]

@@ -40,10 +40,11 @@ def _python_env() -> dict[str, str]:
 class _Process:
     """A child process whose combined output goes to ``log_path``; ``ready_line`` marks readiness."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path = ROOT) -> None:
         self.argv = argv
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
         self.process: subprocess.Popen | None = None
         self._lines: list[str] = []
         self._reader: threading.Thread | None = None
@@ -51,7 +52,7 @@ class _Process:
     def _spawn(self, ready: re.Pattern, timeout_s: float) -> re.Match:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, text=True,
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, text=True,
             start_new_session=True,
         )
         found: list[re.Match] = []
@@ -159,7 +160,12 @@ class TritonProcess(_Process):
 class GatewayProcess(_Process):
     """``infergate serve`` on a config written from a dict (listen and metrics ports default to free ones)."""
 
-    def __init__(self, config: dict, workdir: Path, name: str = "gateway", extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: dict, workdir: Path, name: str = "gateway", extra_env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        """``command``: what runs ``infergate`` (default this interpreter's ``-m infergate``); given, the
+        process runs in ``workdir`` with the config named relative to it, as a user would type it."""
         config = dict(config)
         server = dict(config.get("server", {}))
         server.setdefault("listen", f"127.0.0.1:{free_port()}")
@@ -172,8 +178,12 @@ class GatewayProcess(_Process):
         self.metrics_port: int | None = None
         env = _python_env()
         env.update(extra_env or {})
-        argv = [sys.executable, "-m", "infergate", "serve", "--config", str(self.config_path)]
-        super().__init__(argv, workdir / f"{name}.log", env)
+        if command is None:
+            argv = [sys.executable, "-m", "infergate", "serve", "--config", str(self.config_path)]
+            super().__init__(argv, workdir / f"{name}.log", env)
+        else:
+            argv = [*command, "serve", "--config", self.config_path.name]
+            super().__init__(argv, workdir / f"{name}.log", env, cwd=workdir)
 
     @property
     def url(self) -> str:

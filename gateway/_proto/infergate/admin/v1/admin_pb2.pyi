@@ -21,25 +21,77 @@ class VariantState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ..., backend: _Optional[str] = ..., health: _Optional[str] = ..., fallback: _Optional[str] = ...) -> None: ...
 
 class CanaryStatus(_message.Message):
-    __slots__ = ("enabled", "candidate", "state", "step_index", "current_percent", "last_reason", "leader")
+    __slots__ = ("enabled", "candidate", "state", "current_percent", "last_reason", "leader", "step", "steps", "last_window", "limits")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     CURRENT_PERCENT_FIELD_NUMBER: _ClassVar[int]
     LAST_REASON_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     candidate: str
     state: str
-    step_index: int
     current_percent: int
     last_reason: str
     leader: str
-    def __init__(self, enabled: _Optional[bool] = ..., candidate: _Optional[str] = ..., state: _Optional[str] = ..., step_index: _Optional[int] = ..., current_percent: _Optional[int] = ..., last_reason: _Optional[str] = ..., leader: _Optional[str] = ...) -> None: ...
+    step: int
+    steps: int
+    last_window: CanaryWindow
+    limits: CanaryLimits
+    def __init__(self, enabled: _Optional[bool] = ..., candidate: _Optional[str] = ..., state: _Optional[str] = ..., current_percent: _Optional[int] = ..., last_reason: _Optional[str] = ..., leader: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., last_window: _Optional[_Union[CanaryWindow, _Mapping]] = ..., limits: _Optional[_Union[CanaryLimits, _Mapping]] = ...) -> None: ...
+
+class CanaryVariantStats(_message.Message):
+    __slots__ = ("variant", "requests", "errors", "error_ratio", "p99_ms", "labelled", "accuracy")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    requests: int
+    errors: int
+    error_ratio: float
+    p99_ms: float
+    labelled: int
+    accuracy: float
+    def __init__(self, variant: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_ratio: _Optional[float] = ..., p99_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class CanaryWindow(_message.Message):
+    __slots__ = ("start_unix_s", "length_s", "baseline", "candidate", "verdict")
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_S_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    start_unix_s: float
+    length_s: float
+    baseline: CanaryVariantStats
+    candidate: CanaryVariantStats
+    verdict: str
+    def __init__(self, start_unix_s: _Optional[float] = ..., length_s: _Optional[float] = ..., baseline: _Optional[_Union[CanaryVariantStats, _Mapping]] = ..., candidate: _Optional[_Union[CanaryVariantStats, _Mapping]] = ..., verdict: _Optional[str] = ...) -> None: ...
+
+class CanaryLimits(_message.Message):
+    __slots__ = ("min_requests", "max_error_rate_increase", "max_p99_latency_ratio", "min_labels", "max_accuracy_decrease")
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DECREASE_FIELD_NUMBER: _ClassVar[int]
+    min_requests: int
+    max_error_rate_increase: float
+    max_p99_latency_ratio: float
+    min_labels: int
+    max_accuracy_decrease: float
+    def __init__(self, min_requests: _Optional[int] = ..., max_error_rate_increase: _Optional[float] = ..., max_p99_latency_ratio: _Optional[float] = ..., min_labels: _Optional[int] = ..., max_accuracy_decrease: _Optional[float] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("model", "variants", "revision", "baseline", "shadow_variant", "shadow_percent", "canary", "updated_at_unix_s", "updated_by")
+    __slots__ = ("model", "variants", "revision", "baseline", "shadow_variant", "shadow_percent", "canary", "updated_at_unix_s", "updated_by", "stale", "stale_since_unix_s", "replica")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +101,9 @@ class Route(_message.Message):
     CANARY_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    STALE_SINCE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     model: str
     variants: _containers.RepeatedCompositeFieldContainer[VariantState]
     revision: int
@@ -58,7 +113,10 @@ class Route(_message.Message):
     canary: CanaryStatus
     updated_at_unix_s: float
     updated_by: str
-    def __init__(self, model: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantState, _Mapping]]] = ..., revision: _Optional[int] = ..., baseline: _Optional[str] = ..., shadow_variant: _Optional[str] = ..., shadow_percent: _Optional[int] = ..., canary: _Optional[_Union[CanaryStatus, _Mapping]] = ..., updated_at_unix_s: _Optional[float] = ..., updated_by: _Optional[str] = ...) -> None: ...
+    stale: bool
+    stale_since_unix_s: float
+    replica: str
+    def __init__(self, model: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantState, _Mapping]]] = ..., revision: _Optional[int] = ..., baseline: _Optional[str] = ..., shadow_variant: _Optional[str] = ..., shadow_percent: _Optional[int] = ..., canary: _Optional[_Union[CanaryStatus, _Mapping]] = ..., updated_at_unix_s: _Optional[float] = ..., updated_by: _Optional[str] = ..., stale: _Optional[bool] = ..., stale_since_unix_s: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class ListRoutesRequest(_message.Message):
     __slots__ = ()

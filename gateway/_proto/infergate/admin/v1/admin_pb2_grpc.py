@@ -77,14 +77,16 @@ class RoutingAdminServicer:
     """
 
     def ListRoutes(self, request, context):
-        """Every model with its variants, weights, revision and health.
+        """Every model with its variants, weights, revision and health. While the route store (Redis) is
+        unreachable it answers from the replica's memory with every route marked stale.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRoute(self, request, context):
-        """One model's route. NOT_FOUND if the model is unknown.
+        """One model's route. NOT_FOUND if the model is unknown. Marked stale, as ListRoutes, while the
+        route store is unreachable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
