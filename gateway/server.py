@@ -81,9 +81,8 @@ class Gateway:
     ) -> None:
         self.config = config
         self._interceptors = list(interceptors)
+        """Run before the auth check (which runs in each method's handler wrapper, gateway/wire.py)."""
         self.auth = Authenticator(config.auth) if config.auth.mode == "jwt" else None
-        if self.auth is not None:  # first: a refused call reaches no other interceptor and no handler
-            self._interceptors.insert(0, self.auth.interceptor)
         self._clock = clock
         self.backends: dict[str, Backend] = {}
         self.resilient: dict[str, ResilientBackend] = {}
@@ -329,7 +328,8 @@ class Gateway:
             memory=memory,
         )
         # A message that does not parse: INVALID_ARGUMENT on every RPC; unary requests admitted by size.
-        registry = DecodingRegistry(server, memory)
+        # The auth check runs there too, first: a refused call reaches no decoder and no handler.
+        registry = DecodingRegistry(server, memory, self.auth.interceptor if self.auth is not None else None)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, registry)
         open_streams = OpenStreamBudget.from_config(self.config.server)  # Watch and reflection need no token
         self._health = DrainingHealthServicer(open_streams)

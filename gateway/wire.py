@@ -8,7 +8,8 @@ iteration. ``DecodingRegistry`` stands between the generated ``add_*_to_server``
 server: every method handler registered through it receives the raw bytes and decodes them in a
 wrapper that owns the call's context, so a bad message ends the call with INVALID_ARGUMENT and a
 short fixed message (never the bytes, never a traceback). It wraps once, at registration; a call
-pays one extra frame. The same seam admits unary requests against the in-flight memory budget
+pays one extra frame. The same seam runs the auth check (``AuthInterceptor.check``) before
+anything else, and admits unary requests against the in-flight memory budget
 (``gateway/admission.py``) before they are decoded.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -24,6 +25,15 @@ from infergate.gateway.admission import MemoryBudget
 from infergate.gateway.errors import InvalidArgument, ResourceExhausted
 
 Deserializer = Callable[[bytes], Any]
+
+
+class Guard(Protocol):
+    """The auth check of ``gateway/auth/interceptor.py``: which methods need it, and the check itself
+    (None when admitted; else a refusal with ``refuse_unary`` and ``refuse_stream``)."""
+
+    def guards(self, method: str) -> bool: ...
+
+    async def check(self, method: str, metadata) -> Any: ...
 
 
 class MalformedMessage(InvalidArgument):
@@ -55,11 +65,20 @@ def _message_name(deserialize: Deserializer) -> str:
     return getattr(descriptor, "full_name", "request")
 
 
-def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget | None = None) -> grpc.RpcMethodHandler | None:
+def strict_handler(
+    handler: grpc.RpcMethodHandler | None,
+    budget: MemoryBudget | None = None,
+    guard: Guard | None = None,
+    method: str = "",
+) -> grpc.RpcMethodHandler | None:
     """``handler`` with its request decoding moved inside the call (see the module docstring); a
-    unary request also holds its size of ``budget`` until the call ends (streams: the servicer)."""
+    unary request also holds its size of ``budget`` until the call ends (streams: the servicer).
+    With a ``guard`` that guards ``method``, a call is checked first and a refused one never
+    reaches the budget, the decoder or the servicer."""
     if handler is None or handler.request_deserializer is None:
         return handler
+    if guard is not None and not guard.guards(method):
+        guard = None
     deserialize = handler.request_deserializer
     what = _message_name(deserialize)
     serialize = handler.response_serializer
@@ -69,6 +88,10 @@ def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget |
         if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
             async def unary_stream(raw: bytes, context):
+                if guard is not None:
+                    refusal = await guard.check(method, context.invocation_metadata())
+                    if refusal is not None:
+                        await refusal.refuse_unary(raw, context)
                 reserved = await admit_or_abort(budget, raw, context)
                 try:
                     request = await decode_or_abort(deserialize, raw, context, what)
@@ -81,6 +104,10 @@ def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget |
             return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
 
         async def unary(raw: bytes, context):
+            if guard is not None:
+                refusal = await guard.check(method, context.invocation_metadata())
+                if refusal is not None:
+                    await refusal.refuse_unary(raw, context)
             reserved = await admit_or_abort(budget, raw, context)
             try:
                 return await inner(await decode_or_abort(deserialize, raw, context, what), context)
@@ -106,6 +133,10 @@ def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget |
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
         async def stream_stream(raw_messages, context):
+            if guard is not None:
+                refusal = await guard.check(method, context.invocation_metadata())
+                if refusal is not None:
+                    await refusal.refuse_stream(raw_messages, context)
             try:
                 async for response in inner(decoded(raw_messages), context):
                     yield response
@@ -115,6 +146,10 @@ def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget |
         return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 
     async def stream(raw_messages, context):
+        if guard is not None:
+            refusal = await guard.check(method, context.invocation_metadata())
+            if refusal is not None:
+                await refusal.refuse_stream(raw_messages, context)
         try:
             return await inner(decoded(raw_messages), context)
         except MalformedMessage as exc:
@@ -128,9 +163,10 @@ def strict_handler(handler: grpc.RpcMethodHandler | None, budget: MemoryBudget |
 class _StrictGenericHandler(grpc.GenericRpcHandler):
     """A generic handler whose answers go through ``strict_handler``, each method's wrapped once."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler, budget: MemoryBudget | None) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, budget: MemoryBudget | None, guard: Guard | None) -> None:
         self._inner = inner
         self._budget = budget
+        self._guard = guard
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -139,7 +175,7 @@ class _StrictGenericHandler(grpc.GenericRpcHandler):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None  # not ours: not remembered, so unknown names cannot grow the dict
-            self._wrapped[method] = strict_handler(handler, self._budget)
+            self._wrapped[method] = strict_handler(handler, self._budget, self._guard, method)
         return self._wrapped[method]
 
 
@@ -150,14 +186,21 @@ class DecodingRegistry:
     stay on the server itself.
     """
 
-    def __init__(self, server: grpc.aio.Server, budget: MemoryBudget | None = None) -> None:
+    def __init__(self, server: grpc.aio.Server, budget: MemoryBudget | None = None, guard: Guard | None = None) -> None:
         self.server = server
         self.budget = budget
+        self.guard = guard
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers(tuple(_StrictGenericHandler(h, self.budget) for h in generic_rpc_handlers))
+        self.server.add_generic_rpc_handlers(
+            tuple(_StrictGenericHandler(h, self.budget, self.guard) for h in generic_rpc_handlers)
+        )
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self.server.add_registered_method_handlers(
-            service_name, {name: strict_handler(handler, self.budget) for name, handler in method_handlers.items()}
+            service_name,
+            {
+                name: strict_handler(handler, self.budget, self.guard, f"/{service_name}/{name}")
+                for name, handler in method_handlers.items()
+            },
         )

@@ -1,16 +1,18 @@
-"""The auth server interceptor and the ``Authenticator`` that builds it from ``AuthConfig``.
+"""The auth check, the ``Authenticator`` that builds it from ``AuthConfig``, and its interceptor form.
 
-``AuthInterceptor.intercept_service`` runs before any handler: it lets ``grpc.health.v1.Health``
-and server reflection through untouched, reads ``authorization: Bearer <jwt>``, verifies the token
-(from the verified-token cache when it can), charges the tenant's token bucket, then sets
-``gateway.identity.current_identity`` and hands over to the real handler. A refused call gets a
-pre-built refusing handler instead (UNAUTHENTICATED, RESOURCE_EXHAUSTED, or INTERNAL when the
-verifier itself failed), so no servicer code runs for it; ``continuation`` is only asked for the
-method's handler to learn its request shape.
+``AuthInterceptor.check`` lets ``grpc.health.v1.Health`` and server reflection through untouched,
+reads ``authorization: Bearer <jwt>``, verifies the token (from the verified-token cache when it
+can), charges the tenant's token bucket, then sets ``gateway.identity.current_identity``; it
+returns None for an admitted call and the refusal (UNAUTHENTICATED, RESOURCE_EXHAUSTED, or INTERNAL
+when the verifier itself failed) for a refused one. The gateway runs it first thing in the method
+handler wrapper of ``gateway/wire.py``, before the request is decoded, so no servicer code runs for
+a refused call; a grpc.aio server interceptor would do the same work at about 50 µs more CPU per
+call (measured pinned, BENCHMARKS.md). ``intercept_service`` keeps the interceptor form for servers
+assembled by hand.
 
 Why the context variable reaches the handler: grpc.aio runs each call in its own task, and that
-task awaits the interceptors and then the handler in the same context, so a ``ContextVar`` set
-here is what the handler reads (``tests/gateway/auth/test_interceptor.py`` checks it with concurrent
+task runs the wrapper (or the interceptors) and then the handler in the same context, so a
+``ContextVar`` set here is what the handler reads (``tests/gateway/auth/test_interceptor.py`` checks it with concurrent
 callers of different identities, unary and streaming). Tasks the handler creates copy it.
 
 A unary request is refused by a unary handler (grpc has read the request before it runs); a
@@ -90,6 +92,9 @@ class _Refusal:
                 pass
             await context.abort(code, message)
 
+        self.refuse_unary = refuse_unary
+        self.refuse_stream = refuse_stream
+        """``refuse_stream(raw_messages, context)``: drain what the client sends (bounded), then end the call."""
         # No deserializers: a refused request is never decoded.
         self._unary = grpc.unary_unary_rpc_method_handler(refuse_unary)
         self._stream = grpc.stream_stream_rpc_method_handler(refuse_stream)
@@ -113,31 +118,43 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._rate_limited_count = metrics.AUTH_REJECTIONS.labels("rate_limited")
         self._failed = _Refusal(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
+    def guards(self, method: str) -> bool:
+        """Whether calls of ``method`` (``/package.Service/Method``) need a token."""
+        return method[1 : method.rfind("/")] not in OPEN_SERVICES
+
+    async def check(self, method: str, metadata) -> _Refusal | None:
+        """Admit a call of a guarded ``method`` (None: its identity is set for the handler) or say
+        how it is refused."""
+        started_ns = time.time_ns()
+        try:
+            token = bearer_token(metadata)
+            identity = self._verifier.cached(token) or await self._verifier.verify(token)
+        except TokenRejected as exc:
+            self._refused[exc.reason].inc()
+            log.debug("auth: %s refused: %s", method, exc.reason.name)
+            return self._refusals[exc.reason]
+        except Exception as exc:  # a bug must not become UNKNOWN, nor leak token details
+            log.error("auth: token verification failed unexpectedly (%s) for %s", type(exc).__name__, method)
+            return self._failed
+        if self._limiter is not None and not self._limiter.allow(identity.tenant):
+            self._rate_limited_count.inc()
+            log.debug("auth: %s refused: tenant %s over its rate (subject %s)", method, identity.tenant, identity.subject)
+            return self._rate_limited
+        current_identity.set(identity)
+        auth_window_ns.set((started_ns, time.time_ns()))
+        return None
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method[1 : method.rfind("/")] in OPEN_SERVICES:
+        if not self.guards(method):
             return await continuation(handler_call_details)
-        started_ns = time.time_ns()
-        try:
-            token = bearer_token(handler_call_details.invocation_metadata)
-            identity = self._verifier.cached(token) or await self._verifier.verify(token)
-        except TokenRejected as exc:
-            self._refused[exc.reason].inc()
-            log.debug("auth: %s refused: %s", method, exc.reason.name)
-            return self._refusals[exc.reason].handler_for(await continuation(handler_call_details))
-        except Exception as exc:  # a bug must not become UNKNOWN, nor leak token details
-            log.error("auth: token verification failed unexpectedly (%s) for %s", type(exc).__name__, method)
-            return self._failed.handler_for(await continuation(handler_call_details))
-        if self._limiter is not None and not self._limiter.allow(identity.tenant):
-            self._rate_limited_count.inc()
-            log.debug("auth: %s refused: tenant %s over its rate (subject %s)", method, identity.tenant, identity.subject)
-            return self._rate_limited.handler_for(await continuation(handler_call_details))
-        current_identity.set(identity)
-        auth_window_ns.set((started_ns, time.time_ns()))
+        refusal = await self.check(method, handler_call_details.invocation_metadata)
+        if refusal is not None:
+            return refusal.handler_for(await continuation(handler_call_details))
         return await continuation(handler_call_details)
 
 
