@@ -135,7 +135,8 @@ class _Process:
 class TritonProcess(_Process):
     """The real Triton server with the test models of ``triton_models.py``."""
 
-    def __init__(self, log_dir: Path, grpc_port: int | None = None) -> None:
+    def __init__(self, log_dir: Path, grpc_port: int | None = None, otlp_traces_url: str = "") -> None:
+        """``otlp_traces_url``: Triton traces every request and exports its spans there (OTLP/HTTP)."""
         self.grpc_port = grpc_port or free_port()
         self.http_port = free_port()
         self.metrics_port = free_port()
@@ -144,6 +145,8 @@ class TritonProcess(_Process):
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
             "--metrics-port", str(self.metrics_port),
         ]
+        if otlp_traces_url:
+            argv += ["--otlp-traces-url", otlp_traces_url]
         super().__init__(argv, log_dir / f"triton-{self.grpc_port}.log", _python_env())
 
     @property
