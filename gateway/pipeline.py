@@ -277,6 +277,7 @@ class Pipeline:
                             "infergate.backend.name": variant.backend.name,
                             "infergate.backend.target": variant.target,
                             "infergate.batch.rows": rows,
+                            **variant.backend.span_attributes,
                         }
                         with tracer.start_as_current_span(BACKEND_SPAN, kind=SpanKind.CLIENT, attributes=attributes):
                             headers = outgoing_headers()

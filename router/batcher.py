@@ -144,6 +144,10 @@ class Batcher(Backend):
         return self.inner.kind
 
     @property
+    def span_attributes(self) -> Mapping[str, object]:
+        return self.inner.span_attributes
+
+    @property
     def max_rows(self) -> int:
         return self._max_rows
 
@@ -408,6 +412,7 @@ class Batcher(Backend):
             "infergate.backend.target": self._target,
             "infergate.batch.rows": rows,
             "infergate.batch.requests": len(live),
+            **self.inner.span_attributes,
         }
         with self._tracer.start_as_current_span(
             BACKEND_SPAN,

@@ -6,6 +6,14 @@ its own spans over OTLP/gRPC to the receiver of ``test_tracing``. For a call mad
 ``traceparent``, Triton's request span (``InferRequest``) must sit in the caller's trace with the
 gateway's ``infergate/backend`` span as its parent: the context Triton continued is the one the
 gateway injected, not the caller's and not a new trace.
+
+Triton 2.51 (the one in nvidia-pytriton 0.7.0) does not continue every context it receives: for
+some gRPC requests that carry a valid ``traceparent`` it starts a new trace with no parent (26 of
+200 sequential calls made straight to it with tritonclient's stub, no gateway involved). So each
+check makes several calls and asserts that every Triton request is either in its caller's trace
+with the expected parent or a new root of Triton's own (nothing else), and that at least
+``MIN_CONTINUED`` of ``CALLS`` (or ``BATCHES``) were continued: at the loss rate measured, a floor
+missed by chance less than once in 10^5 runs.
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ TRITON_REQUEST_SPAN = "InferRequest"
 """Triton's span for one inference request; its children are the model's span and ``compute``."""
 TRITON_MODEL = "linear_v1"
 SPANS_TIMEOUT_S = 30.0
+CALLS = 8
 BATCH_CALLERS = 3
+BATCHES = 8
+MIN_CONTINUED = 2
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +56,7 @@ def traced_triton(tmp_path_factory):
 
 
 def _traceparent(index: int) -> tuple[str, str, str]:
-    trace_id, span_id = f"{0xA0 + index:032x}", f"{0xB0 + index:016x}"
+    trace_id, span_id = f"{0xA000 + index:032x}", f"{0xB000 + index:016x}"
     return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
 
 
@@ -58,16 +69,24 @@ def _gateway_config(triton_url: str, otlp_port: int | None, batching: dict | Non
     return config
 
 
-def _triton_requests(receiver: OtlpHttpReceiver, trace_ids: set[str], count: int) -> list:
-    """Triton's request spans in ``trace_ids``, once ``count`` have arrived with their model span."""
+def _triton_requests(receiver: OtlpHttpReceiver, after: int, count: int, trace_ids: set[str]) -> list:
+    """The ``count`` Triton request spans exported after the receiver's first ``after`` spans,
+    once each has arrived with its model span; checks that each is in one of ``trace_ids`` or a new
+    root of Triton's own, and returns those in ``trace_ids`` (at least ``MIN_CONTINUED``)."""
 
     def arrived():
-        spans = [s for s in receiver.spans_of(TRITON_SERVICE_NAME) if s.trace_id.hex() in trace_ids]
-        requests = [s for s in spans if s.name == TRITON_REQUEST_SPAN]
-        models = {s.parent_span_id for s in spans if s.name == TRITON_MODEL}
+        spans = [span for resource, span in receiver.spans[after:] if resource.get("service.name") == TRITON_SERVICE_NAME]
+        requests = [span for span in spans if span.name == TRITON_REQUEST_SPAN]
+        models = {span.parent_span_id for span in spans if span.name == TRITON_MODEL}
         return requests if len(requests) >= count and all(r.span_id in models for r in requests) else None
 
-    return wait_until(arrived, SPANS_TIMEOUT_S, interval_s=0.1, what=f"{count} Triton request span(s)")
+    requests = wait_until(arrived, SPANS_TIMEOUT_S, interval_s=0.1, what=f"{count} Triton request spans")
+    assert len(requests) == count
+    continued = [r for r in requests if r.trace_id.hex() in trace_ids]
+    restarted = [r for r in requests if r.trace_id.hex() not in trace_ids]
+    assert all(r.parent_span_id == b"" for r in restarted)  # Triton's loss: a new root, never a wrong parent
+    assert len(continued) >= MIN_CONTINUED, f"only {len(continued)} of {count} continued"
+    return continued
 
 
 async def _infer(port: int, traceparents: list[str]) -> None:
@@ -82,55 +101,75 @@ async def _infer(port: int, traceparents: list[str]) -> None:
     assert all(result.as_numpy("PROBS").shape == (1, 4) for result in results)
 
 
+def _gateway_spans(receiver, name: str) -> dict[str, object]:
+    """The gateway's spans called ``name``, by trace id (one per trace)."""
+    spans = [span for _, span in receiver.spans if span.name == name]
+    by_trace = {span.trace_id.hex(): span for span in spans}
+    assert len(by_trace) == len(spans)
+    return by_trace
+
+
 async def test_triton_continues_the_trace_under_the_gateways_backend_span(traced_triton, otlp_receiver):
     triton, triton_spans = traced_triton
     gateway_spans, port = otlp_receiver
-    trace_id, caller_span, traceparent = _traceparent(1)
+    callers = [_traceparent(i) for i in range(CALLS)]
+    after = len(triton_spans.spans)
     async with running_gateway(_gateway_config(triton.url, port)) as gateway:
-        await _infer(gateway.port, [traceparent])
+        for _, _, traceparent in callers:  # one at a time: one Triton request each
+            await _infer(gateway.port, [traceparent])
     # Gateway.stop flushed the gateway's exporter; Triton exports every 100 ms.
-    (request,) = _triton_requests(triton_spans, {trace_id}, 1)
-    spans = [span for _, span in gateway_spans.spans if span.trace_id.hex() == trace_id]
-    (server,) = [span for span in spans if span.name == "infergate/ModelInfer"]
-    (backend,) = [span for span in spans if span.name == "infergate/backend"]
-    assert server.parent_span_id.hex() == caller_span
-    assert backend.parent_span_id == server.span_id and backend.kind == backend.SPAN_KIND_CLIENT
-    assert {a.key: a.value.string_value for a in backend.attributes}["infergate.backend.kind"] == "triton"
-    # What Triton received: the caller's trace id, the gateway's backend span as parent.
-    assert request.trace_id.hex() == trace_id
-    assert request.parent_span_id == backend.span_id
-    assert request.parent_span_id.hex() != caller_span
-    # Triton's own timeline sits inside the gateway's backend call (same host, same clock).
-    assert backend.start_time_unix_nano <= request.start_time_unix_nano <= request.end_time_unix_nano <= backend.end_time_unix_nano
+    continued = _triton_requests(triton_spans, after, CALLS, {trace_id for trace_id, _, _ in callers})
+    servers = _gateway_spans(gateway_spans, "infergate/ModelInfer")
+    backends = _gateway_spans(gateway_spans, "infergate/backend")
+    for trace_id, caller_span, _ in callers:
+        assert servers[trace_id].parent_span_id.hex() == caller_span
+        backend = backends[trace_id]
+        assert backend.parent_span_id == servers[trace_id].span_id and backend.kind == backend.SPAN_KIND_CLIENT
+        attributes = {a.key: a.value for a in backend.attributes}
+        assert attributes["infergate.backend.kind"].string_value == "triton"
+        # the RPC semantic conventions of a gRPC client span, naming the Triton it called
+        assert {key: attributes[key].string_value for key in ("rpc.system", "rpc.service", "rpc.method", "server.address")} == {
+            "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
+            "server.address": "127.0.0.1"}
+        assert attributes["server.port"].int_value == triton.grpc_port
+    for request in continued:
+        # What Triton received: the caller's trace id, the gateway's backend span as parent.
+        assert request.parent_span_id == backends[request.trace_id.hex()].span_id
 
 
 async def test_a_batch_reaches_triton_as_one_request_under_the_batchs_backend_span(traced_triton, otlp_receiver):
     triton, triton_spans = traced_triton
     gateway_spans, port = otlp_receiver
-    callers = [_traceparent(10 + i) for i in range(BATCH_CALLERS)]
-    trace_ids = {trace_id for trace_id, _, _ in callers}
-    # A long delay and a full batch of BATCH_CALLERS rows: the callers share one Triton call.
+    batches = [[_traceparent(100 + BATCH_CALLERS * b + i) for i in range(BATCH_CALLERS)] for b in range(BATCHES)]
+    trace_ids = {trace_id for batch in batches for trace_id, _, _ in batch}
+    after = len(triton_spans.spans)
+    # A long delay and a full batch of BATCH_CALLERS rows: each group of callers shares one Triton call.
     batching = {"max_batch_size": BATCH_CALLERS, "dispatch": "delay", "max_delay_us": 5_000_000}
     async with running_gateway(_gateway_config(triton.url, port, batching)) as gateway:
-        await _infer(gateway.port, [traceparent for _, _, traceparent in callers])
-    (request,) = _triton_requests(triton_spans, trace_ids, 1)
-    (backend,) = [span for _, span in gateway_spans.spans if span.name == "infergate/backend" and span.trace_id.hex() in trace_ids]
-    assert {a.key: a.value.int_value for a in backend.attributes}["infergate.batch.rows"] == BATCH_CALLERS
-    assert request.trace_id == backend.trace_id  # the trace of the batch's first traced request
-    assert request.parent_span_id == backend.span_id
-    await asyncio.sleep(0.5)  # two export periods: no second Triton request shows up for the other callers
-    assert len([s for s in triton_spans.spans_of(TRITON_SERVICE_NAME)
-                if s.name == TRITON_REQUEST_SPAN and s.trace_id.hex() in trace_ids]) == 1
+        for batch in batches:
+            await _infer(gateway.port, [traceparent for _, _, traceparent in batch])
+    continued = _triton_requests(triton_spans, after, BATCHES, trace_ids)  # one Triton request per batch
+    backends = _gateway_spans(gateway_spans, "infergate/backend")
+    assert len(backends) == BATCHES  # one backend span per batch, in the trace of its first traced request
+    for backend in backends.values():
+        attributes = {a.key: a.value for a in backend.attributes}
+        assert attributes["infergate.batch.rows"].int_value == BATCH_CALLERS
+        assert attributes["rpc.system"].string_value == "grpc" and attributes["server.port"].int_value == triton.grpc_port
+    for request in continued:
+        assert request.parent_span_id == backends[request.trace_id.hex()].span_id
 
 
 async def test_with_tracing_off_triton_gets_the_callers_context_as_it_came(traced_triton, otlp_receiver):
     triton, triton_spans = traced_triton
     gateway_spans, _port = otlp_receiver
-    trace_id, caller_span, traceparent = _traceparent(20)
+    callers = [_traceparent(200 + i) for i in range(CALLS)]
+    after = len(triton_spans.spans)
     async with running_gateway(_gateway_config(triton.url, None)) as gateway:
         assert not gateway.tracing.enabled
-        await _infer(gateway.port, [traceparent])
-    (request,) = _triton_requests(triton_spans, {trace_id}, 1)
-    assert request.trace_id.hex() == trace_id
-    assert request.parent_span_id.hex() == caller_span  # forwarded untouched: the gateway made no span
+        for _, _, traceparent in callers:
+            await _infer(gateway.port, [traceparent])
+    continued = _triton_requests(triton_spans, after, CALLS, {trace_id for trace_id, _, _ in callers})
+    parents = {trace_id: caller_span for trace_id, caller_span, _ in callers}
+    for request in continued:
+        assert request.parent_span_id.hex() == parents[request.trace_id.hex()]  # forwarded untouched
     assert gateway_spans.spans == []
