@@ -38,10 +38,13 @@ from infergate.gateway import __version__
 from tests.conftest import running_gateway
 from tests.e2e.conftest import (
     CLIENT_TIMEOUT_S,
+    RAW_CALL_TIMEOUT_S,
     assert_matches_reference,
     assert_process_gone,
     assert_serves,
+    inference_stub,
     linear_input,
+    linear_request,
     result_outputs,
     result_variant,
     rows_for,
@@ -169,6 +172,11 @@ def test_several_workers_share_the_port_and_one_scrape_counts_them_all(gateway_p
     calls = 40
     for _ in range(calls):  # a new connection each: the kernel spreads them over both workers
         assert_serves(gateway.url)
+    refused = 10  # calls refused before routing count too, whichever worker refused them
+    for _ in range(refused):
+        with inference_stub(gateway.url) as stub, pytest.raises(grpc.RpcError) as unknown:
+            stub.ModelInfer(linear_request(rows_for(1), model="no_such_model"), timeout=RAW_CALL_TIMEOUT_S)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     # Both workers recorded calls (one counter file per process; the supervisor's own, holding only
     # label-less counters at 0, is not a worker's)...
     writers = {path.name for path in metrics_dir.glob("counter_*.db")} - {f"counter_{pid}.db"}
@@ -182,6 +190,7 @@ def test_several_workers_share_the_port_and_one_scrape_counts_them_all(gateway_p
     }
     ok = samples[("infergate_requests_total", (("code", "OK"), ("model", "linear"), ("variant", "v1")))]
     assert ok == calls
+    assert samples[("infergate_requests_total", (("code", "NOT_FOUND"), ("model", ""), ("variant", "")))] == refused
     assert samples[("infergate_request_duration_seconds_count", (("model", "linear"), ("variant", "v1")))] == calls
     assert samples[("infergate_in_flight_requests", (("model", "linear"),))] == 0
     assert samples[("infergate_build_info", (("version", __version__),))] == 1
