@@ -63,6 +63,13 @@ class Backend(abc.ABC):
     def kind(self) -> str:
         """``onnx`` or ``triton``: the label used in metrics."""
 
+    @property
+    def span_attributes(self) -> Mapping[str, object]:
+        """OpenTelemetry attributes of the backend span of a call here: the RPC semantic
+        conventions (``rpc.*``, ``server.address``, ``server.port``) for a remote backend, none for
+        one in process. Built once; only traced calls read it."""
+        return {}
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Open connections and pools; called once inside the running loop."""

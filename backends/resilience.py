@@ -187,6 +187,10 @@ class ResilientBackend(Backend):
     def kind(self) -> str:
         return self.inner.kind
 
+    @property
+    def span_attributes(self) -> Mapping[str, object]:
+        return self.inner.span_attributes
+
     async def start(self) -> None:
         await self.inner.start()
         self._slots = asyncio.Semaphore(self.max_inflight)

@@ -22,7 +22,7 @@ from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 
 from infergate.backends.base import Backend, ModelSignature, TensorSpec
 from infergate.backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
-from infergate.gateway.config import TritonBackendConfig
+from infergate.gateway.config import TritonBackendConfig, split_host_port
 from infergate.gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Internal, error_for_status
 
 _READY_TIMEOUT_S = 1.0
@@ -42,12 +42,24 @@ class TritonBackend(Backend):
         super().__init__(name, clock)
         self._config = config
         self._max_timeout_s = config.timeout_ms / 1000
+        self._span_attributes: dict[str, object] = {
+            "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
+        }
+        try:
+            host, port = split_host_port(config.url)
+            self._span_attributes.update({"server.address": host, "server.port": port})
+        except ValueError:  # a gRPC target that is not host:port (dns:///...): named as it is
+            self._span_attributes["server.address"] = config.url
         self._channel: grpc.aio.Channel | None = None
         self._stub: GRPCInferenceServiceStub | None = None
 
     @property
     def kind(self) -> str:
         return "triton"
+
+    @property
+    def span_attributes(self) -> Mapping[str, object]:
+        return self._span_attributes
 
     async def start(self) -> None:
         self._channel = grpc.aio.insecure_channel(self._config.url, options=_CHANNEL_OPTIONS)

@@ -12,8 +12,13 @@ Redis, auth off), differing only in their observability settings, plus a real OT
 
     infergate bench --scenario observability --baseline gateway-plain --concurrency 32 --rounds 3
 
-The report's ratios against ``gateway-plain`` are the cost figures (req/s and p99). Run it on an
-otherwise idle machine: the five gateways share it, one at a time under load.
+The report's ratios against ``gateway-plain`` are the cost figures: req/s, p99 and the gateway's
+CPU time per call (each target carries its process id; ``benchmarks.bench`` reads the process
+tree's CPU time from ``/proc`` over each measured window). The gateways start on the server CPUs
+(``--server-cpus``, by default the first half); the OTLP receiver is started outside that set, so
+it runs with the load generator (on the client CPUs when the bench pins its load) and its work to
+decode spans is not charged to the gateways, as a collector on another host would not be. Run it
+on an otherwise idle machine: the five gateways share the server CPUs, one at a time under load.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from infergate.benchmarks.bench import Target
+from infergate.benchmarks.cpus import children_pinned_to
 from infergate.gateway.demo_models import LinearClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +67,23 @@ def gateway_config(model_path: Path, **blocks) -> dict:
     return config
 
 
+DESCRIPTIONS = {
+    "gateway-plain": "infergate serve: auth off, no Redis, one ONNX variant, batching off; no tracing, no monitoring",
+    "gateway-monitoring": "the same with monitoring.enabled (1 % of rows sampled, class_output PROBS: predictions kept for feedback)",
+    **{
+        f"gateway-trace-{ratio:g}": f"the same with tracing to a real OTLP/gRPC receiver, telemetry.sample_ratio {ratio:g}"
+        for ratio in TRACE_RATIOS
+    },
+}
+
+
 @contextlib.contextmanager
-def observability(workdir: Path) -> Iterator[list[Target]]:
-    """Start the scenario's servers and yield its targets; every process is stopped after."""
+def observability(workdir: Path, server_cpus: frozenset[int] | None = None) -> Iterator[list[Target]]:
+    """Start the scenario's servers and yield its targets; every process is stopped after.
+
+    The gateways run on ``server_cpus`` (None: wherever this process may run); each target carries
+    its gateway's process id, for the report's CPU time per call.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     started: list[_Process] = []
     try:
@@ -84,8 +104,10 @@ def observability(workdir: Path) -> Iterator[list[Target]]:
         for name, config in configs.items():
             gateway = GatewayProcess(config, workdir, name=name)
             started.append(gateway)
-            gateway.start()
-            targets.append(Target(name, gateway.url, MODEL))
+            with children_pinned_to(server_cpus):
+                gateway.start()
+            assert gateway.process is not None
+            targets.append(Target(name, gateway.url, MODEL, pid=gateway.process.pid, description=DESCRIPTIONS[name]))
         yield targets
     finally:
         for process in reversed(started):

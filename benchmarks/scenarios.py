@@ -173,7 +173,7 @@ def start_scenario(
     if name == "observability":
         from infergate.benchmarks.observability_scenario import observability
 
-        with observability(workdir) as targets:
+        with observability(workdir, server_cpus) as targets:
             yield targets
         return
     if name != "serving":

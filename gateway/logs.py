@@ -7,11 +7,18 @@ served, with tracing on), its ``trace_id`` and ``span_id``, so a line can be fou
 and the other way round. Structured fields a line carries (``extra={"fields": {...}}``) become
 top-level keys in JSON and ``key=value`` pairs in text.
 
-``AccessLog`` is a pipeline call observer: one line per failed call (at most
-``ERROR_LINES_PER_S`` a second, then a count of the lines left out) and, with
+``AccessLog`` is a pipeline call observer: one line per failed call (``logging.log_failed_calls``,
+at most ``ERROR_LINES_PER_S`` a second, then a count of the lines left out) and, with
 ``logging.access_log_sample_ratio``, a sampled share of successful calls. A line holds the model,
 the variant that answered, the status, the duration, the tenant and the request id; never
 metadata, so never a token.
+
+``RefusedCalls`` records the inference calls refused before a variant serves them (a token the
+auth interceptor refuses, an unknown model, a missing scope, bad tensors, a bad pin, a passed
+deadline, a replica shutting down, a stream message over its rate or the memory budget): each is
+counted in ``infergate_requests_total`` with ``variant=""`` and, with the access log on, gets a
+failed-call line (without ``duration_ms``: timing every call to give a refusal its few
+microseconds would add a clock read to the successful ones). Only the refusal branches call it.
 """
 
 from __future__ import annotations
@@ -21,17 +28,23 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from opentelemetry import trace
 
+from infergate.gateway import metrics
 from infergate.gateway.auth.logfilter import SubjectLogFilter
+from infergate.gateway.identity import Identity
 from infergate.gateway.pipeline import CallRecord
 from infergate.gateway.redaction import redact
 
 ACCESS_LOGGER = "infergate.access"
+INFERENCE_CALLS = frozenset({"/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer"})
+"""The gRPC methods whose refusals by the auth interceptor count as refused inference calls."""
+REFUSED_TEXT_MAX = 128
+"""Characters of a refused call's model name and request id kept in its line (the caller chose them)."""
 ERROR_LINES_PER_S = 20
 """Failed calls logged per second at most: an outage must not turn into a log flood."""
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(subject)s]: %(message)s"
@@ -99,8 +112,11 @@ class AccessLog:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         errors_per_s: int = ERROR_LINES_PER_S,
+        log_failed: bool = True,
     ) -> None:
+        """``log_failed``: whether failed and refused calls get a line (``logging.log_failed_calls``)."""
         self._ratio = sample_ratio
+        self._log_failed = log_failed
         self._random = (rng or random.Random()).random
         self._clock = clock
         self._errors_per_s = errors_per_s
@@ -114,7 +130,7 @@ class AccessLog:
         if ok:
             if self._ratio <= 0 or self._random() >= self._ratio:
                 return
-        elif not self._error_budget():
+        elif not self._log_failed or not self._error_budget():
             return
         context = record.context
         fields = {
@@ -131,6 +147,20 @@ class AccessLog:
             extra={"fields": fields},
         )
 
+    def refused(self, model: str, code: str, identity: Identity | None, request_id: str) -> None:
+        """A line for a call refused before routing (see ``RefusedCalls``), within the failed-call rate."""
+        if not self._log_failed or not self._error_budget():
+            return
+        fields = {
+            "model": model,
+            "variant": "",
+            "status": code,
+            "tenant": (identity.tenant or identity.subject) if identity is not None else "",
+            "request_id": request_id,
+            "refused": True,
+        }
+        self._log.warning("refused %s %s", model or "-", code, extra={"fields": fields})
+
     def _error_budget(self) -> bool:
         second = int(self._clock())
         if second != self._second:
@@ -143,3 +173,29 @@ class AccessLog:
             return False
         self._errors += 1
         return True
+
+
+class RefusedCalls:
+    """Counts, and with an access log logs, inference calls refused before routing (module docstring).
+
+    The ``model`` label is the model's name when the gateway serves one of that name, else ``""``:
+    names a caller makes up must not become series. The access line keeps the name asked for.
+    """
+
+    def __init__(self, models: Collection[str], access_log: AccessLog | None = None) -> None:
+        self._models = frozenset(models)
+        self._access_log = access_log
+
+    def record(self, model: str, code: str, identity: Identity | None = None, request_id: str = "") -> None:
+        """One refused call: ``model`` as the caller named it, ``code`` the status name it gets."""
+        metrics.REQUESTS.labels(model if model in self._models else "", "", code).inc()
+        if self._access_log is not None:
+            self._access_log.refused(model[:REFUSED_TEXT_MAX], code, identity, request_id[:REFUSED_TEXT_MAX])
+
+    def auth_refused(self, method: str, code: str, identity: Identity | None) -> None:
+        """A call the auth interceptor refused; counted only for the inference calls (``INFERENCE_CALLS``).
+
+        The request was never decoded, so the model is unknown (``""``); ``identity`` is the caller
+        when the token was good (a tenant over its rate), else None."""
+        if method in INFERENCE_CALLS:
+            self.record("", code, identity)

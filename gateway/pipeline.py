@@ -211,12 +211,16 @@ class Pipeline:
         selector: VariantSelector,
         observers: Sequence[CallObserver] = (),
         tracer: trace.Tracer | None = None,
+        refused: Callable[[str, str, Identity, str], None] | None = None,
     ):
-        """``tracer``: the gateway's, when tracing is on (stage spans for sampled calls)."""
+        """``tracer``: the gateway's, when tracing is on (stage spans for sampled calls).
+        ``refused(model, code, identity, request_id)``: told of a call routing refuses (a bad pin,
+        no sticky key), which no variant's outcome records (``gateway.logs.RefusedCalls.record``)."""
         self.endpoints = dict(endpoints)
         self.selector = selector
         self.observers = tuple(observers)
         self._tracer = tracer
+        self._refused = refused
 
     def endpoint(self, model: str) -> ModelEndpoint:
         endpoint = self.endpoints.get(model)
@@ -239,7 +243,12 @@ class Pipeline:
         traced = tracer is not None and trace.get_current_span().is_recording()
         if traced:
             route_ns = time.time_ns()
-        chosen, reason = self.selector.select(endpoint.name, endpoint.variants, ctx.metadata, ctx.parameters)
+        try:
+            chosen, reason = self.selector.select(endpoint.name, endpoint.variants, ctx.metadata, ctx.parameters)
+        except GatewayError as exc:  # refused by routing, before any variant: recorded as a refusal
+            if self._refused is not None:
+                self._refused(endpoint.name, exc.code.name, ctx.identity, ctx.request_id)
+            raise
         if traced:
             route_ns = (route_ns, time.time_ns())
         variant = endpoint.variants[chosen]
@@ -268,6 +277,7 @@ class Pipeline:
                             "infergate.backend.name": variant.backend.name,
                             "infergate.backend.target": variant.target,
                             "infergate.batch.rows": rows,
+                            **variant.backend.span_attributes,
                         }
                         with tracer.start_as_current_span(BACKEND_SPAN, kind=SpanKind.CLIENT, attributes=attributes):
                             headers = outgoing_headers()

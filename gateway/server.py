@@ -36,7 +36,7 @@ from infergate.gateway.config import GatewayConfig, ModelRouteConfig
 from infergate.gateway.errors import ArtifactRejected, BackendUnavailable, GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.feedback import add_feedback
-from infergate.gateway.logs import AccessLog
+from infergate.gateway.logs import AccessLog, RefusedCalls
 from infergate.gateway.monitor import ModelMonitor, build_monitor
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
@@ -82,7 +82,15 @@ class Gateway:
         self.config = config
         self._interceptors = list(interceptors)
         """Run before the auth check (which runs in each method's handler wrapper, gateway/wire.py)."""
-        self.auth = Authenticator(config.auth) if config.auth.mode == "jwt" else None
+        logging_config = config.logging
+        self.access_log = (
+            AccessLog(logging_config.access_log_sample_ratio, log_failed=logging_config.log_failed_calls)
+            if logging_config.access_log_sample_ratio > 0 or logging_config.log_failed_calls
+            else None
+        )
+        self.refused_calls = RefusedCalls(config.models, self.access_log)
+        """Calls refused before routing: counted and, with the access log, logged (auth, servicer, pipeline)."""
+        self.auth = Authenticator(config.auth, on_refused=self.refused_calls.auth_refused) if config.auth.mode == "jwt" else None
         self._clock = clock
         self.backends: dict[str, Backend] = {}
         self.resilient: dict[str, ResilientBackend] = {}
@@ -152,9 +160,9 @@ class Gateway:
             except ValueError as exc:
                 raise StartupError(str(exc)) from exc
             observers.append(self.monitor.observe)
-        if self.config.logging.access_log_sample_ratio > 0 or self.config.logging.log_failed_calls:
-            observers.append(AccessLog(self.config.logging.access_log_sample_ratio).observe)
-        self.pipeline = Pipeline(endpoints, self.routing.selector, observers, self._tracer())
+        if self.access_log is not None:
+            observers.append(self.access_log.observe)
+        self.pipeline = Pipeline(endpoints, self.routing.selector, observers, self._tracer(), self.refused_calls.record)
         await self._start_server()
         if self.config.server.metrics_listen:
             try:
@@ -326,6 +334,7 @@ class Gateway:
             # each message of a stream is charged to its tenant, not only the stream's opening
             admit_message=(lambda identity: limiter.allow(identity.tenant)) if limiter is not None else None,
             memory=memory,
+            refused=self.refused_calls,
         )
         # A message that does not parse: INVALID_ARGUMENT on every RPC; unary requests admitted by size.
         # The auth check runs there too, first: a refused call reaches no decoder and no handler.

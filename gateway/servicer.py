@@ -37,6 +37,7 @@ from infergate.gateway.errors import (
 )
 from infergate.gateway.config import TelemetryConfig
 from infergate.gateway.identity import Identity, auth_window_ns, current_identity
+from infergate.gateway.logs import RefusedCalls
 from infergate.gateway.telemetry import (
     AUTH_SPAN,
     RPC_ATTRIBUTES,
@@ -89,9 +90,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tracing: Tracing | None = None,
         admit_message: Callable[[Identity], bool] | None = None,
         memory: MemoryBudget | None = None,
+        refused: RefusedCalls | None = None,
     ) -> None:
-        """``admit_message(identity)``: whether a stream's next message is within its tenant's rate."""
+        """``admit_message(identity)``: whether a stream's next message is within its tenant's rate.
+        ``refused``: records the calls refused here, before routing (default: counted, not logged)."""
         self._pipeline = pipeline
+        self._refused = refused or RefusedCalls(pipeline.endpoints)
         self._admit_message = admit_message
         self._memory = memory
         self._tracing = tracing or Tracing(TelemetryConfig())
@@ -241,6 +245,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async for request in request_iterator:
                 await slots.acquire()
                 if not first and self._admit_message is not None and not self._admit_message(identity):
+                    self._refused.record(request.model_name, "RESOURCE_EXHAUSTED", identity, request.id)
                     responses.put_nowait((error_response(request, RATE_LIMITED_MESSAGE), 0))
                     continue
                 first = False
@@ -250,6 +255,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     try:
                         self._memory.reserve(size)
                     except ResourceExhausted as exc:
+                        self._refused.record(request.model_name, exc.code.name, identity, request.id)
                         responses.put_nowait((error_response(request, exc.message), 0))
                         continue
                     reserved = size
@@ -292,6 +298,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One inference request (unary, or one of a stream): counted for the drain, traced when on."""
         if not self._is_ready():
             self._last_activity = time.monotonic()
+            self._refused.record(request.model_name, "UNAVAILABLE", current_identity.get(), request.id)
             raise Unavailable("the gateway is not serving (shutting down or starting); try another replica")
         self._in_flight += 1
         try:
@@ -319,13 +326,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._idle.set()
 
     async def _serve(self, request: pb.ModelInferRequest, context, metadata: dict, headers) -> pb.ModelInferResponse:
-        endpoint = self._endpoint(request.model_name, request.model_version)
-        decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
-        remaining = context.time_remaining()
-        if remaining is None:
-            remaining = self._default_deadline_s
-        elif remaining <= 0:
-            raise DeadlineExceeded("deadline passed before the gateway received the call")
+        try:
+            endpoint = self._endpoint(request.model_name, request.model_version)
+            decoded = decode_infer_request(request, endpoint.signature, endpoint.max_batch_size)
+            remaining = context.time_remaining()
+            if remaining is None:
+                remaining = self._default_deadline_s
+            elif remaining <= 0:
+                raise DeadlineExceeded("deadline passed before the gateway received the call")
+        except Exception as exc:  # refused before routing: recorded here (the pipeline records the rest)
+            code = exc.code.name if isinstance(exc, GatewayError) else "INTERNAL"
+            self._refused.record(request.model_name, code, current_identity.get(), request.id)
+            raise
         ctx = CallContext(
             metadata, decoded.parameters, time.monotonic() + remaining, current_identity.get(), headers, request.id
         )

@@ -146,6 +146,10 @@ class Batcher(Backend):
         return self.inner.kind
 
     @property
+    def span_attributes(self) -> Mapping[str, object]:
+        return self.inner.span_attributes
+
+    @property
     def max_rows(self) -> int:
         return self._max_rows
 
@@ -421,6 +425,7 @@ class Batcher(Backend):
                 "infergate.backend.target": self._target,
                 "infergate.batch.rows": rows,
                 "infergate.batch.requests": requests,
+                **self.inner.span_attributes,
             },
         )
 

@@ -32,8 +32,8 @@ from tests.support.processes import GatewayProcess, TritonProcess
 
 TIER_FIXTURES = {
     "redis": {"redis_server", "redis_url"},
-    "triton": {"triton_server", "triton_gateway"},
-    "subprocess": {"gateway_process", "onnx_gateway", "triton_gateway", "triton_server", "redis_server"},
+    "triton": {"triton_server", "triton_gateway", "traced_triton"},
+    "subprocess": {"gateway_process", "onnx_gateway", "triton_gateway", "triton_server", "traced_triton", "redis_server"},
 }
 _SPAWNS = re.compile(r"\bsubprocess\.(run|Popen|check_output|check_call)\b|\b(?!Completed)[A-Z]\w*Process\(|create_subprocess_exec")
 

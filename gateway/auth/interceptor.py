@@ -35,7 +35,7 @@ from infergate.gateway.auth.keys import JwksFileSource, JwksUrlSource, KeySource
 from infergate.gateway.auth.ratelimit import TenantRateLimiter
 from infergate.gateway.auth.verifier import Reason, TokenRejected, TokenVerifier
 from infergate.gateway.config import AuthConfig
-from infergate.gateway.identity import auth_window_ns, current_identity
+from infergate.gateway.identity import Identity, auth_window_ns, current_identity
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ REJECT_DRAIN_MESSAGES = 64
 """A refused call's messages are read (and dropped) until the client half-closes, within these bounds."""
 RATE_LIMITED_MESSAGE = "tenant over its request rate"
 INTERNAL_MESSAGE = "authentication failed"
+
+RefusalObserver = Callable[[str, str, Identity | None], None]
+"""``(method, status name, identity or None)`` for each refused call (``gateway.logs.RefusedCalls.auth_refused``)."""
 
 
 def bearer_token(metadata) -> str:
@@ -109,9 +112,12 @@ class _Refusal:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call except health and reflection; see the module docstring."""
 
-    def __init__(self, verifier: TokenVerifier, limiter: TenantRateLimiter | None = None) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, limiter: TenantRateLimiter | None = None, on_refused: RefusalObserver | None = None
+    ) -> None:
         self._verifier = verifier
         self._limiter = limiter
+        self._on_refused = on_refused
         self._refusals = {reason: _Refusal(grpc.StatusCode.UNAUTHENTICATED, reason.value) for reason in Reason}
         self._refused = {reason: metrics.AUTH_REJECTIONS.labels(reason.name.lower()) for reason in Reason}
         self._rate_limited = _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED_MESSAGE)
@@ -132,13 +138,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except TokenRejected as exc:
             self._refused[exc.reason].inc()
             log.debug("auth: %s refused: %s", method, exc.reason.name)
+            if self._on_refused is not None:
+                self._on_refused(method, "UNAUTHENTICATED", None)
             return self._refusals[exc.reason]
         except Exception as exc:  # a bug must not become UNKNOWN, nor leak token details
             log.error("auth: token verification failed unexpectedly (%s) for %s", type(exc).__name__, method)
+            if self._on_refused is not None:
+                self._on_refused(method, "INTERNAL", None)
             return self._failed
         if self._limiter is not None and not self._limiter.allow(identity.tenant):
             self._rate_limited_count.inc()
             log.debug("auth: %s refused: tenant %s over its rate (subject %s)", method, identity.tenant, identity.subject)
+            if self._on_refused is not None:
+                self._on_refused(method, "RESOURCE_EXHAUSTED", identity)
             return self._rate_limited
         current_identity.set(identity)
         auth_window_ns.set((started_ns, time.time_ns()))
@@ -182,7 +194,9 @@ class Authenticator:
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        on_refused: RefusalObserver | None = None,
     ) -> None:
+        """``on_refused``: told of every call the interceptor refuses (for counting and the access log)."""
         self.config = config
         self.keys = build_key_source(config, os.environ if environ is None else environ)
         self.verifier = TokenVerifier(config, self.keys, clock)
@@ -191,7 +205,7 @@ class Authenticator:
             if config.rate_limit_per_tenant_rps > 0
             else None
         )
-        self.interceptor = AuthInterceptor(self.verifier, self.limiter)
+        self.interceptor = AuthInterceptor(self.verifier, self.limiter, on_refused)
 
     async def start(self) -> None:
         """Load the keys; raises ``AuthSetupError`` naming the config key when that cannot work."""

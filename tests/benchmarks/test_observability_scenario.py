@@ -9,6 +9,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import InferInput
 
+from infergate.benchmarks.cpus import allowed_cpus, format_cpu_list, tree_cpu_s, usable_cpus
 from infergate.benchmarks.observability_scenario import MODEL, observability
 
 CALLS = 5
@@ -18,10 +19,14 @@ SPANS_PER_CALL = 3  # infergate/ModelInfer, infergate/route, infergate/backend (
 
 
 def test_observability_scenario_serves_and_only_sampled_gateways_export(tmp_path):
-    with observability(tmp_path) as targets:
+    server_cpus = frozenset(sorted(usable_cpus())[:1])
+    with observability(tmp_path, server_cpus) as targets:
         assert [t.name for t in targets] == ["gateway-plain", "gateway-monitoring", "gateway-trace-0",
                                              "gateway-trace-0.01", "gateway-trace-1"]
         for target in targets:
+            # each gateway is pinned to the server CPUs and known by its process, for its CPU time per call
+            assert target.pid is not None and allowed_cpus(target.pid) == format_cpu_list(server_cpus), target.name
+            assert tree_cpu_s(target.pid) > 0
             client = grpcclient.InferenceServerClient(target.url)
             try:
                 for _ in range(CALLS):

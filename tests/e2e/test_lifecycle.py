@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
@@ -38,16 +36,20 @@ from infergate.gateway import __version__
 from tests.conftest import running_gateway
 from tests.e2e.conftest import (
     CLIENT_TIMEOUT_S,
+    RAW_CALL_TIMEOUT_S,
     assert_matches_reference,
     assert_process_gone,
     assert_serves,
+    inference_stub,
     linear_input,
+    linear_request,
     result_outputs,
     result_variant,
     rows_for,
     triton_config,
 )
 from tests.support.processes import wait_until
+from tests.support.scrape import requests_total, scrape
 
 GRACE_S = 15.0
 CALLERS = 48
@@ -169,19 +171,19 @@ def test_several_workers_share_the_port_and_one_scrape_counts_them_all(gateway_p
     calls = 40
     for _ in range(calls):  # a new connection each: the kernel spreads them over both workers
         assert_serves(gateway.url)
+    refused = 10  # calls refused before routing count too, whichever worker refused them
+    for _ in range(refused):
+        with inference_stub(gateway.url) as stub, pytest.raises(grpc.RpcError) as unknown:
+            stub.ModelInfer(linear_request(rows_for(1), model="no_such_model"), timeout=RAW_CALL_TIMEOUT_S)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     # Both workers recorded calls (one counter file per process; the supervisor's own, holding only
     # label-less counters at 0, is not a worker's)...
     writers = {path.name for path in metrics_dir.glob("counter_*.db")} - {f"counter_{pid}.db"}
     assert len(writers) == 2, writers
     # ...and one scrape adds them up, with the new series and without _created ones.
-    page = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=CLIENT_TIMEOUT_S).text
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(page)
-        for sample in family.samples
-    }
-    ok = samples[("infergate_requests_total", (("code", "OK"), ("model", "linear"), ("variant", "v1")))]
-    assert ok == calls
+    samples = scrape(metrics_port)
+    assert requests_total(samples, "linear", "v1", "OK") == calls
+    assert requests_total(samples, "", "", "NOT_FOUND") == refused
     assert samples[("infergate_request_duration_seconds_count", (("model", "linear"), ("variant", "v1")))] == calls
     assert samples[("infergate_in_flight_requests", (("model", "linear"),))] == 0
     assert samples[("infergate_build_info", (("version", __version__),))] == 1

@@ -70,8 +70,9 @@ async def test_access_lines_carry_the_callers_trace_and_never_a_token(onnx_gatew
         finally:
             await client.close()
     access = [line for line in json_lines.lines if line["logger"] == ACCESS_LOGGER]
-    assert len(access) == 1  # the refused call never reached a model: no access line (see README)
-    ok = access[0]
+    assert [line["status"] for line in access] == ["OK", "INVALID_ARGUMENT"]
+    ok, refused = access
+    assert refused["refused"] is True and refused["request_id"] == "call-2" and "duration_ms" not in refused
     assert (ok["level"], ok["model"], ok["variant"], ok["status"], ok["request_id"]) == ("INFO", "linear", "v1", "OK", "call-1")
     assert ok["duration_ms"] > 0 and ok["tenant"] == "anonymous"
     assert ok["trace_id"] == TRACE_ID
@@ -147,3 +148,85 @@ def test_start_up_line_states_models_ports_and_workers_in_json(onnx_gateway_conf
     # every log line is JSON (only the plain "listening on port" line for process managers is not)
     others = [text for text in gateway.output.splitlines() if text and not text.startswith("{")]
     assert all(text.startswith("infergate listening on port") for text in others), others
+
+
+# -- calls refused before routing ----------------------------------------------------------------
+
+def requests_total(model: str, variant: str, code: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("infergate_requests_total", {"model": model, "variant": variant, "code": code}) or 0.0
+
+
+async def test_calls_refused_before_routing_are_counted_and_logged_without_a_token(onnx_gateway_config, json_lines, tmp_path):
+    from tests.gateway.auth.conftest import auth_block
+    from tests.gateway.auth.issuer import Issuer
+
+    issuer = Issuer()
+    jwks = issuer.write_jwks(tmp_path / "jwks.json", "rsa-1")
+    config = dict(onnx_gateway_config, auth=auth_block(jwks_file=str(jwks)), logging={"format": "json"})
+    everything = issuer.token(scope="infer:*", sub="svc-checkout")
+    linear_only = issuer.token(scope="infer:linear", sub="svc-search")
+    bad_token = "eyJhbGciOiJub25lIn0.refused-token-value."
+    expected = {  # (model label, variant label, code) -> calls; a made-up model name is never a label
+        ("", "", "UNAUTHENTICATED"): 2,
+        ("ab", "", "PERMISSION_DENIED"): 1,
+        ("", "", "NOT_FOUND"): 1,
+        ("linear", "", "INVALID_ARGUMENT"): 2,
+        ("linear", "v1", "OK"): 1,
+    }
+    before = {key: requests_total(*key) for key in expected}
+    calls = [  # model, inputs, token, extra headers, request id, status the caller gets
+        ("linear", [tensor(1)], None, {}, "no-token", "UNAUTHENTICATED"),
+        ("linear", [tensor(1)], bad_token, {}, "bad-token", "UNAUTHENTICATED"),
+        ("ab", [tensor(1)], linear_only, {}, "no-scope", "PERMISSION_DENIED"),
+        ("no_such_model", [tensor(1)], everything, {}, "unknown-model", "NOT_FOUND"),
+        ("linear", [tensor(1, "FP64")], everything, {}, "bad-tensor", "INVALID_ARGUMENT"),
+        ("linear", [tensor(1)], everything, {"x-infergate-variant": "v9"}, "bad-pin", "INVALID_ARGUMENT"),
+    ]
+    statuses = []
+    async with running_gateway(config) as gateway:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        try:
+            for model, inputs, token, headers, request_id, _ in calls:
+                if token is not None:
+                    headers = {**headers, "authorization": f"Bearer {token}"}
+                with pytest.raises(InferenceServerException) as refused:
+                    await client.infer(model, inputs, headers=headers, request_id=request_id)
+                statuses.append(refused.value.status())
+            await client.infer("linear", [tensor(1)], headers={"authorization": f"Bearer {everything}"}, request_id="ok")
+        finally:
+            await client.close()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:  # not an inference call
+            with pytest.raises(grpc.aio.AioRpcError) as admin:
+                await admin_pb2_grpc.RoutingAdminStub(channel).ListRoutes(admin_pb2.ListRoutesRequest())
+    assert admin.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert [status.removeprefix("StatusCode.") for status in statuses] == [call[-1] for call in calls]
+    assert {key: requests_total(*key) - before[key] for key in expected} == expected
+    refused_lines = [line for line in json_lines.lines if line["logger"] == ACCESS_LOGGER and line.get("refused")]
+    assert [(line["status"], line["request_id"]) for line in refused_lines] == [
+        ("UNAUTHENTICATED", ""), ("UNAUTHENTICATED", ""),  # refused before the request was read
+        ("PERMISSION_DENIED", "no-scope"), ("NOT_FOUND", "unknown-model"),
+        ("INVALID_ARGUMENT", "bad-tensor"), ("INVALID_ARGUMENT", "bad-pin"),
+    ]
+    by_id = {line["request_id"]: line for line in refused_lines}
+    assert (by_id["no-scope"]["model"], by_id["no-scope"]["tenant"], by_id["no-scope"]["variant"]) == ("ab", "svc-search", "")
+    assert by_id["unknown-model"]["model"] == "no_such_model"  # the name asked for is in the line, not in a label
+    assert all(line["level"] == "WARNING" and "duration_ms" not in line for line in refused_lines)
+    assert not any(secret in line for line in json_lines.raw for secret in (bad_token, everything, linear_only, "Bearer"))
+
+
+async def test_a_refused_call_is_counted_but_not_logged_with_failed_call_lines_off(onnx_gateway_config, json_lines):
+    config = dict(onnx_gateway_config, logging={"format": "json", "access_log_sample_ratio": 1.0, "log_failed_calls": False})
+    before = requests_total("linear", "", "INVALID_ARGUMENT")
+    async with running_gateway(config) as gateway:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        try:
+            with pytest.raises(InferenceServerException):
+                await client.infer("linear", [tensor(1, "FP64")], request_id="quiet")
+            await client.infer("linear", [tensor(1)], request_id="sampled")
+        finally:
+            await client.close()
+    assert requests_total("linear", "", "INVALID_ARGUMENT") - before == 1
+    access = [line for line in json_lines.lines if line["logger"] == ACCESS_LOGGER]
+    assert [line["request_id"] for line in access] == ["sampled"]  # successes sampled, failures not logged

@@ -15,6 +15,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import running_gateway
+from tests.gateway.test_features import scorer_path  # noqa: F401 (fixture: the scorer model that takes online features)
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -175,6 +176,7 @@ async def test_an_authenticated_call_gets_auth_route_and_backend_spans(onnx_gate
     assert children["infergate/auth"].start_time_unix_nano <= server.start_time_unix_nano + 1_000_000_000
     backend = {a.key: a.value for a in children["infergate/backend"].attributes}
     assert backend["infergate.backend.kind"].string_value == "onnx"
+    assert "rpc.system" not in backend  # ONNX Runtime runs in process: no RPC to describe
     assert all("linear" not in span.name for span in spans)  # span names never carry a model name
 
 
@@ -214,3 +216,27 @@ def test_the_sampling_decision_is_taken_before_any_span_and_follows_the_caller()
     some = Tracing(TelemetryConfig(sample_ratio=0.25))
     share = sum(some.sampled({}) for _ in range(20000)) / 20000
     assert abs(share - 0.25) < 0.02  # 20000 draws: sd 0.003
+
+
+async def test_a_call_with_online_features_gets_a_features_span_with_entities_and_misses(scorer_path, redis_url, otlp_receiver):
+    from tests.gateway.test_features import DIM, config as features_config, inputs, store
+
+    receiver, port = otlp_receiver
+    store(redis_url, {"u1": np.ones(DIM, np.float32)})
+    config = dict(features_config(scorer_path, redis_url), telemetry=_tracing(port))
+    trace_id, caller_span, traceparent = _traceparent(80)
+    async with running_gateway(config) as gateway:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{gateway.port}")
+        try:
+            tensors = inputs([b"u1", b"nobody", b"u1"], np.zeros((3, 2), np.float32))
+            result = await client.infer("scorer", tensors, headers={"traceparent": traceparent})
+        finally:
+            await client.close()
+    assert result.as_numpy("SCORE").shape == (3, 2)
+    spans = [span for _service, span in receiver.spans if span.trace_id.hex() == trace_id]
+    (server,) = [span for span in spans if span.name == "infergate/ModelInfer"]
+    assert server.parent_span_id.hex() == caller_span
+    children = {span.name: span for span in spans if span.parent_span_id == server.span_id}
+    assert set(children) == {"infergate/route", "infergate/features", "infergate/backend"}
+    features = {a.key: a.value.int_value for a in children["infergate/features"].attributes}
+    assert features == {"infergate.features.entities": 3, "infergate.features.misses": 1}  # "nobody" has no row

@@ -34,6 +34,7 @@ from tests.gateway.auth.issuer import Issuer, forge_hs256
 from tests.conftest import running_gateway
 from tests.reliability.conftest import gateway_running, rss_bytes
 from tests.support.models import FEATURES, onnx_config
+from tests.support.scrape import requests_total, scrape
 
 pytestmark = pytest.mark.reliability
 
@@ -226,7 +227,11 @@ def test_each_message_of_a_stream_is_charged_to_the_tenant(model_paths, tmp_path
             stub = GRPCInferenceServiceStub(channel)
             answers = list(stub.ModelStreamInfer(iter([linear_request(i, str(i)) for i in range(40)]),
                                                  metadata=[("authorization", f"Bearer {token}")], timeout=30))
+        samples = scrape(gateway.metrics_port)
     limited = [a for a in answers if a.error_message == "tenant over its request rate"]
     served = [a for a in answers if not a.error_message]
     assert len(answers) == 40
     assert 1 <= len(served) <= 10 and len(limited) >= 30
+    # each refused message is a refused call in the metrics (before routing: no variant)
+    assert requests_total(samples, "linear", "", "RESOURCE_EXHAUSTED") == len(limited)
+    assert requests_total(samples, "linear", "v1", "OK") == len(served)

@@ -136,8 +136,11 @@ class _Process:
 class TritonProcess(_Process):
     """The real Triton server with the test models of ``triton_models.py``."""
 
-    def __init__(self, log_dir: Path, grpc_port: int | None = None, nobatcher_model: bool = False) -> None:
-        """``nobatcher_model`` also serves ``linear_nobatcher`` (the benchmarks' Triton model without a batcher)."""
+    def __init__(
+        self, log_dir: Path, grpc_port: int | None = None, otlp_traces_url: str = "", nobatcher_model: bool = False
+    ) -> None:
+        """``otlp_traces_url``: Triton traces every request and exports its spans there (OTLP/HTTP);
+        ``nobatcher_model`` also serves ``linear_nobatcher`` (the benchmarks' Triton model without a batcher)."""
         self.grpc_port = grpc_port or free_port()
         self.http_port = free_port()
         self.metrics_port = free_port()
@@ -145,7 +148,11 @@ class TritonProcess(_Process):
             sys.executable, str(ROOT / "tests" / "support" / "triton_models.py"),
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
             "--metrics-port", str(self.metrics_port),
-        ] + (["--nobatcher-model"] if nobatcher_model else [])
+        ]
+        if otlp_traces_url:
+            argv += ["--otlp-traces-url", otlp_traces_url]
+        if nobatcher_model:
+            argv.append("--nobatcher-model")
         super().__init__(argv, log_dir / f"triton-{self.grpc_port}.log", _python_env())
 
     @property

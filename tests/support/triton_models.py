@@ -2,7 +2,12 @@
 
 Run as a script in its own process so tests can kill and restart it:
 
-    python tests/support/triton_models.py --grpc-port P --http-port Q --metrics-port R
+    python tests/support/triton_models.py --grpc-port P --http-port Q --metrics-port R [--otlp-traces-url URL]
+
+With ``--otlp-traces-url`` Triton traces every request in its OpenTelemetry mode (rate 1, level
+TIMESTAMPS) and exports the spans over OTLP/HTTP to that URL every 100 ms, with ``service.name``
+``TRITON_SERVICE_NAME``; Triton continues the ``traceparent`` a gRPC call carries. pytriton's own
+proxy-side tracer (which would need the OTLP/HTTP Python exporter) is left off.
 
 Models (every one batched, max_batch_size 256; pytriton turns on Triton's dynamic batcher with no
 queue delay, so it only merges requests that are already waiting):
@@ -39,6 +44,20 @@ ACCESS_TOKEN = "infergate-tests"
 """Token of Triton's restricted endpoints (statistics...): tests read Triton's own ModelStatistics."""
 STATISTICS_HEADERS = {"triton-grpc-protocol-triton-access-token": ACCESS_TOKEN}
 """gRPC headers for ``get_inference_statistics`` on the test Triton."""
+TRITON_SERVICE_NAME = "triton-under-test"
+"""``service.name`` of the spans Triton exports with ``--otlp-traces-url``."""
+
+
+def trace_config(url: str) -> list[str]:
+    """Triton's ``--trace-config`` settings: OpenTelemetry mode, every request, exported to ``url``."""
+    return [
+        "mode=opentelemetry",
+        "rate=1",
+        "level=TIMESTAMPS",
+        f"opentelemetry,url={url}",
+        "opentelemetry,bsp_schedule_delay=100",
+        f"opentelemetry,resource=service.name={TRITON_SERVICE_NAME}",
+    ]
 
 
 def main() -> int:
@@ -47,6 +66,7 @@ def main() -> int:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--nobatcher-model", action="store_true", help="also serve linear_nobatcher")
+    parser.add_argument("--otlp-traces-url", default="")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -86,21 +106,32 @@ def main() -> int:
         metrics_port=args.metrics_port,
         exit_timeout_secs=1,
         log_verbose=0,
+        trace_config=trace_config(args.otlp_traces_url) if args.otlp_traces_url else None,
     )
+    bind_options = {}
+    if args.otlp_traces_url:
+        import opentelemetry.trace
+        from pytriton.proxy.telemetry import set_telemetry_tracer
+
+        # Triton's server-side spans only: with a tracer set and an empty per-model trace config,
+        # pytriton builds no proxy tracer and its Python models configure none (both would need
+        # opentelemetry-exporter-otlp-proto-http, which is not installed).
+        set_telemetry_tracer(opentelemetry.trace.NoOpTracer())
+        bind_options["trace_config"] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with Triton(config=config, security_config=TritonSecurityConfig(access_token=ACCESS_TOKEN)) as triton:
         model_config = ModelConfig(max_batch_size=MAX_BATCH)
-        triton.bind("linear_v1", onnx_callable(sessions["linear_v1"]), inputs, outputs, config=model_config)
-        triton.bind("linear_v2", onnx_callable(sessions["linear_v2"]), inputs, outputs, config=model_config)
+        triton.bind("linear_v1", onnx_callable(sessions["linear_v1"]), inputs, outputs, config=model_config, **bind_options)
+        triton.bind("linear_v2", onnx_callable(sessions["linear_v2"]), inputs, outputs, config=model_config, **bind_options)
         if args.nobatcher_model:
             triton.bind(
                 "linear_nobatcher", onnx_callable(sessions["linear_v1"]), inputs, outputs,
-                config=ModelConfig(max_batch_size=MAX_BATCH, batcher=None),
+                config=ModelConfig(max_batch_size=MAX_BATCH, batcher=None), **bind_options,
             )
-        triton.bind("failing", failing, inputs, outputs, config=model_config)
-        triton.bind("slow", slow, inputs, outputs, config=model_config)
+        triton.bind("failing", failing, inputs, outputs, config=model_config, **bind_options)
+        triton.bind("slow", slow, inputs, outputs, config=model_config, **bind_options)
         triton.run()
         print(f"triton ready grpc_port {args.grpc_port}", flush=True)
         while not stop.wait(0.2):
