@@ -193,9 +193,11 @@ class RefusedCalls:
             self._access_log.refused(model[:REFUSED_TEXT_MAX], code, identity, request_id[:REFUSED_TEXT_MAX])
 
     def auth_refused(self, method: str, code: str, identity: Identity | None) -> None:
-        """A call the auth interceptor refused; counted only for the inference calls (``INFERENCE_CALLS``).
+        """A call refused before its request was decoded (by the auth check, or at the decoding edge
+        for a message that does not parse or a request over the memory budget); counted only for the
+        inference calls (``INFERENCE_CALLS``).
 
-        The request was never decoded, so the model is unknown (``""``); ``identity`` is the caller
-        when the token was good (a tenant over its rate), else None."""
+        The model is unknown (``""``); ``identity`` is the caller when the token was good (a tenant
+        over its rate), else None."""
         if method in INFERENCE_CALLS:
             self.record("", code, identity)

@@ -338,7 +338,9 @@ class Gateway:
         )
         # A message that does not parse: INVALID_ARGUMENT on every RPC; unary requests admitted by size.
         # The auth check runs there too, first: a refused call reaches no decoder and no handler.
-        registry = DecodingRegistry(server, memory, self.auth.interceptor if self.auth is not None else None)
+        registry = DecodingRegistry(
+            server, memory, self.auth.interceptor if self.auth is not None else None, self.refused_calls.auth_refused
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, registry)
         open_streams = OpenStreamBudget.from_config(self.config.server)  # Watch and reflection need no token
         self._health = DrainingHealthServicer(open_streams)

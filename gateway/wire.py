@@ -23,6 +23,7 @@ import grpc
 
 from infergate.gateway.admission import MemoryBudget
 from infergate.gateway.errors import InvalidArgument, ResourceExhausted
+from infergate.gateway.identity import current_identity
 
 Deserializer = Callable[[bytes], Any]
 
@@ -40,22 +41,35 @@ class MalformedMessage(InvalidArgument):
     """A streamed request message that does not parse."""
 
 
-async def admit_or_abort(budget: MemoryBudget | None, raw: bytes, context: grpc.aio.ServicerContext) -> int:
+Refused = Callable[[str, str, Any], None]
+"""``refused(method, status name, identity)``: a call ended at this edge, for the count and the access log."""
+
+
+async def admit_or_abort(
+    budget: MemoryBudget | None, raw: bytes, context: grpc.aio.ServicerContext, refused: Refused | None = None, method: str = ""
+) -> int:
     """Reserve ``len(raw)`` of ``budget`` for the call; over it, end the call RESOURCE_EXHAUSTED."""
     if budget is None:
         return 0
     try:
         budget.reserve(len(raw))
     except ResourceExhausted as exc:
+        if refused is not None:
+            refused(method, exc.code.name, current_identity.get())
         await context.abort(exc.code, exc.message)
     return len(raw)
 
 
-async def decode_or_abort(deserialize: Deserializer, raw: bytes, context: grpc.aio.ServicerContext, what: str) -> Any:
+async def decode_or_abort(
+    deserialize: Deserializer, raw: bytes, context: grpc.aio.ServicerContext, what: str,
+    refused: Refused | None = None, method: str = "",
+) -> Any:
     """``deserialize(raw)``; a message that does not parse aborts the call with INVALID_ARGUMENT."""
     try:
         return deserialize(raw)
     except Exception:  # DecodeError, RecursionError, ...: any failure to parse is the caller's bad input
+        if refused is not None:
+            refused(method, "INVALID_ARGUMENT", current_identity.get())
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what} message")
 
 
@@ -70,11 +84,13 @@ def strict_handler(
     budget: MemoryBudget | None = None,
     guard: Guard | None = None,
     method: str = "",
+    refused: Refused | None = None,
 ) -> grpc.RpcMethodHandler | None:
     """``handler`` with its request decoding moved inside the call (see the module docstring); a
     unary request also holds its size of ``budget`` until the call ends (streams: the servicer).
     With a ``guard`` that guards ``method``, a call is checked first and a refused one never
-    reaches the budget, the decoder or the servicer."""
+    reaches the budget, the decoder or the servicer. ``refused`` hears of unary calls ended here
+    (over the budget, a message that does not parse)."""
     if handler is None or handler.request_deserializer is None:
         return handler
     if guard is not None and not guard.guards(method):
@@ -92,9 +108,9 @@ def strict_handler(
                     refusal = await guard.check(method, context.invocation_metadata())
                     if refusal is not None:
                         await refusal.refuse_unary(raw, context)
-                reserved = await admit_or_abort(budget, raw, context)
+                reserved = await admit_or_abort(budget, raw, context, refused, method)
                 try:
-                    request = await decode_or_abort(deserialize, raw, context, what)
+                    request = await decode_or_abort(deserialize, raw, context, what, refused, method)
                     async for response in inner(request, context):
                         yield response
                 finally:
@@ -108,9 +124,9 @@ def strict_handler(
                 refusal = await guard.check(method, context.invocation_metadata())
                 if refusal is not None:
                     await refusal.refuse_unary(raw, context)
-            reserved = await admit_or_abort(budget, raw, context)
+            reserved = await admit_or_abort(budget, raw, context, refused, method)
             try:
-                return await inner(await decode_or_abort(deserialize, raw, context, what), context)
+                return await inner(await decode_or_abort(deserialize, raw, context, what, refused, method), context)
             finally:
                 if reserved:
                     budget.release(reserved)
@@ -163,10 +179,13 @@ def strict_handler(
 class _StrictGenericHandler(grpc.GenericRpcHandler):
     """A generic handler whose answers go through ``strict_handler``, each method's wrapped once."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler, budget: MemoryBudget | None, guard: Guard | None) -> None:
+    def __init__(
+        self, inner: grpc.GenericRpcHandler, budget: MemoryBudget | None, guard: Guard | None, refused: Refused | None
+    ) -> None:
         self._inner = inner
         self._budget = budget
         self._guard = guard
+        self._refused = refused
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -175,7 +194,7 @@ class _StrictGenericHandler(grpc.GenericRpcHandler):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None  # not ours: not remembered, so unknown names cannot grow the dict
-            self._wrapped[method] = strict_handler(handler, self._budget, self._guard, method)
+            self._wrapped[method] = strict_handler(handler, self._budget, self._guard, method, self._refused)
         return self._wrapped[method]
 
 
@@ -186,21 +205,28 @@ class DecodingRegistry:
     stay on the server itself.
     """
 
-    def __init__(self, server: grpc.aio.Server, budget: MemoryBudget | None = None, guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        budget: MemoryBudget | None = None,
+        guard: Guard | None = None,
+        refused: Refused | None = None,
+    ) -> None:
         self.server = server
         self.budget = budget
         self.guard = guard
+        self.refused = refused
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.server.add_generic_rpc_handlers(
-            tuple(_StrictGenericHandler(h, self.budget, self.guard) for h in generic_rpc_handlers)
+            tuple(_StrictGenericHandler(h, self.budget, self.guard, self.refused) for h in generic_rpc_handlers)
         )
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self.server.add_registered_method_handlers(
             service_name,
             {
-                name: strict_handler(handler, self.budget, self.guard, f"/{service_name}/{name}")
+                name: strict_handler(handler, self.budget, self.guard, f"/{service_name}/{name}", self.refused)
                 for name, handler in method_handlers.items()
             },
         )

@@ -230,3 +230,24 @@ async def test_a_refused_call_is_counted_but_not_logged_with_failed_call_lines_o
     assert requests_total("linear", "", "INVALID_ARGUMENT") - before == 1
     access = [line for line in json_lines.lines if line["logger"] == ACCESS_LOGGER]
     assert [line["request_id"] for line in access] == ["sampled"]  # successes sampled, failures not logged
+
+
+async def test_calls_refused_at_the_decoding_edge_are_counted_and_logged(onnx_gateway_config, json_lines):
+    """A ModelInfer message that does not parse, and one over the in-flight memory budget."""
+    server = dict(onnx_gateway_config.get("server", {}), max_inflight_request_bytes=4096)
+    config = dict(onnx_gateway_config, server=server, logging={"format": "json"})
+    before = {code: requests_total("", "", code) for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")}
+    async with running_gateway(config) as gateway:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+            with pytest.raises(grpc.aio.AioRpcError) as malformed:
+                await infer(b"\x0a\xff\xff\xff\xff\x0f")  # field 1 with a length far past the end
+            with pytest.raises(grpc.aio.AioRpcError) as too_big:
+                await infer(b"\x0a\x06linear" + b"\x12\x01x" * 3000)  # 9 KB of a valid message
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert {code: requests_total("", "", code) - before[code] for code in before} == {
+        "INVALID_ARGUMENT": 1, "RESOURCE_EXHAUSTED": 1,
+    }
+    refused = [line for line in json_lines.lines if line["logger"] == ACCESS_LOGGER and line.get("refused")]
+    assert [(line["status"], line["model"]) for line in refused] == [("INVALID_ARGUMENT", ""), ("RESOURCE_EXHAUSTED", "")]
