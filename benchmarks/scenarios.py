@@ -18,6 +18,7 @@ checkout (``tests`` is not part of the installed package; importing this module 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -33,7 +34,9 @@ if (ROOT / "tests" / "support").is_dir() and str(ROOT) not in sys.path:  # tests
 
 from tests.support.processes import GatewayProcess, TritonProcess, _Process, _python_env  # noqa: E402
 
-SCENARIOS = ("serving", "observability")  # observability: benchmarks/observability_scenario.py
+SCENARIOS = ("serving", "observability", "scaling")  # observability: benchmarks/observability_scenario.py
+SCALING_WORKERS = (1, 2, 4, 8)
+"""The worker counts of the scaling scenario (those that fit in the server CPUs)."""
 CEILING_START_TIMEOUT_S = 30.0
 LEAN_START_TIMEOUT_S = 30.0
 MODEL = "classifier"
@@ -166,6 +169,40 @@ def serving(
 
 
 @contextlib.contextmanager
+def scaling(
+    workdir: Path, server_cpus: frozenset[int] | None = None, phase: Phase = _quiet_phase
+) -> Iterator[list[Target]]:
+    """One gateway per worker count of ``SCALING_WORKERS`` that fits in ``server_cpus`` (default:
+    this process's CPUs), ``server.workers: N`` pinned to the first N of them, all serving the
+    serving scenario's ONNX model without batching. Each is compared with ``workers-1``: N workers
+    sharing the port should serve >= 0.8 x N times one. Give the load generator its own CPUs
+    (``--client-cpus``) and enough of them (``--load-processes``), or it is what gets measured."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cpus = sorted(server_cpus if server_cpus is not None else os.sched_getaffinity(0))
+    started: list[_Process] = []
+    try:
+        model_path = LinearClassifier.random(seed=1).save(workdir / f"{MODEL}.onnx")
+        targets = []
+        for workers in (n for n in SCALING_WORKERS if n <= len(cpus)):
+            config = gateway_config(model_path)
+            config["server"] = dict(config["server"], workers=workers)
+            gateway = GatewayProcess(config, workdir / f"workers-{workers}", name=f"gateway-{workers}")
+            started.append(gateway)
+            with phase(f"starting the gateway with {workers} worker(s)", 5.0), children_pinned_to(frozenset(cpus[:workers])):
+                gateway.start()
+            targets.append(Target(
+                f"workers-{workers}", gateway.url, MODEL, compare_to="workers-1" if workers > 1 else "",
+                pid=gateway.process.pid,
+                description=f"infergate serve, server.workers: {workers} sharing one port (SO_REUSEPORT), pinned to "
+                            f"CPUs {','.join(map(str, cpus[:workers]))}; auth off, one ONNX variant, batching off",
+            ))
+        yield targets
+    finally:
+        for process in reversed(started):
+            process.stop()
+
+
+@contextlib.contextmanager
 def start_scenario(
     name: str, workdir: Path, with_triton: bool = False, server_cpus: frozenset[int] | None = None, phase: Phase = _quiet_phase
 ) -> Iterator[list[Target]]:
@@ -174,6 +211,10 @@ def start_scenario(
         from infergate.benchmarks.observability_scenario import observability
 
         with observability(workdir, server_cpus) as targets:
+            yield targets
+        return
+    if name == "scaling":
+        with scaling(workdir, server_cpus, phase) as targets:
             yield targets
         return
     if name != "serving":

@@ -47,7 +47,7 @@ commands = typer.Typer()
 def bench_command(
     target: list[str] = typer.Option([], "--target", help="NAME=HOST:PORT of a running server (repeatable)."),
     target_pid: list[str] = typer.Option([], "--target-pid", help="NAME=PID: a --target's server process, for its CPU time per call."),
-    scenario: str = typer.Option("", help="Start the servers of a scenario instead: 'serving'."),
+    scenario: str = typer.Option("", help="Start the servers of a scenario instead: 'serving', 'observability' or 'scaling' (1, 2, 4, 8 workers)."),
     with_triton: bool = typer.Option(False, "--with-triton", help="serving: add Triton direct and gateway over Triton."),
     model: str = typer.Option("classifier", help="Model called on --target servers."),
     concurrency: str = typer.Option("1,32", help="Concurrent callers per level, comma-separated."),

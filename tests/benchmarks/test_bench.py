@@ -283,3 +283,31 @@ def test_the_recorded_command_never_holds_the_token():
 
     assert _without_secrets(["--token", "eyJsecret", "--target", "a=h:1"]) == ["--token", "TOKEN", "--target", "a=h:1"]
     assert _without_secrets(["--token=eyJsecret"]) == ["--token=TOKEN"]
+
+
+def test_scaling_scenario_pins_each_gateway_to_its_first_n_cpus_and_every_worker_serves(tmp_path):
+    """The scaling scenario on the CPUs this machine has (1 and 2 workers on two CPUs; 4 and 8 on
+    bigger machines): each gateway and its workers run on the first N server CPUs, and calls reach them."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from infergate.benchmarks.cpus import allowed_cpus, parse_cpu_list
+    from infergate.benchmarks.scenarios import MODEL, scaling
+
+    cpus = sorted(usable_cpus())[:2]
+    assert len(cpus) == 2, "the suite's machines have at least 2 CPUs"
+    with scaling(tmp_path, frozenset(cpus)) as targets:
+        assert [t.name for t in targets] == ["workers-1", "workers-2"]
+        assert targets[1].compare_to == "workers-1"
+        for target, expected in zip(targets, ({cpus[0]}, set(cpus))):
+            workers = [int(pid) for pid in Path(f"/proc/{target.pid}/task/{target.pid}/children").read_text().split()]
+            assert parse_cpu_list(allowed_cpus(target.pid)) == expected
+            assert all(parse_cpu_list(allowed_cpus(pid)) == expected for pid in workers)
+            client = grpcclient.InferenceServerClient(target.url)
+            row = grpcclient.InferInput("INPUT", [1, 16], "FP32")
+            row.set_data_from_numpy(np.ones((1, 16), np.float32))
+            for _ in range(8):
+                answer = client.infer(MODEL, [row])
+                assert answer.as_numpy("PROBS").shape == (1, 4)
+            client.close()
+        assert len([int(p) for p in Path(f"/proc/{targets[1].pid}/task/{targets[1].pid}/children").read_text().split()]) >= 2
