@@ -410,9 +410,11 @@ class Gateway:
             # grpc core drops the calls it holds when it stops (clients see CANCELLED) and sends GOAWAY
             # only after; closing the connections first ends them UNAVAILABLE (gateway/hangup.py).
             # No await between the two: a client cannot reconnect before the listener is gone.
+            closed = (0, 0)
             if self.port and not self.config.server.listen.startswith("unix:"):
-                hang_up(self.port)
+                closed = hang_up(self.port)
             await self._server.stop(max(STOP_GRACE_MIN_S, grace - (time.monotonic() - drain_started)))
+            log.info("drain over: listener and %d client connection(s) closed before the server stopped", closed[1])
             self._server = None
         self.tracing.shutdown()
         if self.routing is not None:  # before backends close: shadow copies use them
