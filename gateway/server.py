@@ -408,8 +408,8 @@ class Gateway:
             if self._servicer is not None:
                 await self._servicer.drain(grace, self.config.server.drain_notice_s)
             # grpc core drops the calls it holds when it stops (clients see CANCELLED) and sends GOAWAY
-            # only after; closing the connections first ends them UNAVAILABLE (gateway/hangup.py).
-            # No await between the two: a client cannot reconnect before the listener is gone.
+            # only after; shutting the listener and then the connections first ends them UNAVAILABLE
+            # (gateway/hangup.py). No await before the stop: nothing may run in between.
             closed = (0, 0)
             if self.port and not self.config.server.listen.startswith("unix:"):
                 closed = hang_up(self.port)
