@@ -10,6 +10,9 @@ here go to RELIABILITY.md (``python -m tests.reliability.large_messages`` repeat
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import grpc
 import pytest
 
@@ -75,3 +78,11 @@ def test_a_stream_message_past_the_budget_gets_an_error_answer(model_paths, tmp_
             answers = {a.infer_response.id: a for a in GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([big, small]), timeout=30)}
     assert "too many request bytes in flight" in answers["big"].error_message
     assert answers["small"].error_message == ""
+
+
+def test_malloc_arenas_are_limited_unless_the_operator_chose():
+    from infergate.gateway.admission import limit_malloc_arenas
+
+    assert limit_malloc_arenas(2, {"MALLOC_ARENA_MAX": "4"}) is False  # the operator's setting wins
+    if sys.platform == "linux" and "glibc" in " ".join(platform.libc_ver()):
+        assert limit_malloc_arenas(2, {}) is True
