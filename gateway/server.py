@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_MIN_S = 1.0
 """The least time ``server.stop`` gives calls in progress; they are refusals or ending streams by then."""
+WATCHES_END_WITHIN_S = 1.0
+"""On shutdown, how long Health.Watch streams get to write NOT_SERVING and end before connections close."""
+FLUSH_BEFORE_HANGUP_S = 0.05
+"""Then this long for grpc core to send the last answers and statuses before the connections close."""
 KEEPALIVE_OPTIONS = (
     # A client may ping while it has calls open at most every 10 s (grpc's default is 5 min, which
     # cuts off clients that keep long streams alive), and not at all while it has none (grpc: 2 h).
@@ -411,6 +415,9 @@ class Gateway:
             # only after; shutting the listener and then the connections first ends them UNAVAILABLE
             # (gateway/hangup.py). No await before the stop: nothing may run in between.
             closed = (0, 0)
+            if self._health is not None:  # watchers hear NOT_SERVING and their stream's end before the close
+                await self._health.watches_ended(WATCHES_END_WITHIN_S)
+            await asyncio.sleep(FLUSH_BEFORE_HANGUP_S)
             if self.port and not self.config.server.listen.startswith("unix:"):
                 closed = hang_up(self.port)
             await self._server.stop(max(STOP_GRACE_MIN_S, grace - (time.monotonic() - drain_started)))
