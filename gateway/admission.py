@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from collections.abc import Callable
 
 from infergate.gateway import metrics
@@ -58,11 +59,37 @@ class MemoryBudget:
             self._trim()
 
 
+M_ARENA_MAX = -8
+"""glibc's ``mallopt`` parameter for the number of malloc arenas."""
+
+
+def limit_malloc_arenas(arenas: int, environ: dict[str, str] | None = None) -> bool:
+    """At most ``arenas`` glibc malloc arenas from now on, unless ``MALLOC_ARENA_MAX`` is set
+    (the operator's choice wins); True when the limit was applied.
+
+    grpc core's threads each take an arena of their own (glibc allows 8 per CPU), and large
+    request buffers freed in one stay resident: 48 callers x 3 calls of 3.9 MiB peaked at 1.3-1.5
+    GiB with 1.2 GiB left after; with 2 arenas, 0.8 GiB and 0.4 GiB. Call it before grpc starts
+    its threads. A no-op where there is no glibc.
+    """
+    environ = os.environ if environ is None else environ
+    if "MALLOC_ARENA_MAX" in environ:
+        return False
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_ARENA_MAX, max(1, arenas)))
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 def heap_trimmer() -> Callable[[], None]:
     """glibc's ``malloc_trim(0)`` (give free heap memory back to the system); a no-op elsewhere."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    trim = getattr(libc, "malloc_trim", None)
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
         return lambda: None
     return lambda: trim(0)

@@ -88,6 +88,14 @@ class DrainingHealthServicer(health.aio.HealthServicer):
         self._budget = budget
         self._watching: collections.Counter[str] = collections.Counter()
 
+    async def watches_ended(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until every Watch stream has ended; they end by themselves
+        once shutdown has begun and NOT_SERVING was written. True when none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._watching and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not self._watching
+
     async def Watch(self, request, context):
         service = request.service
         ends_at = await self._budget.admit(context)

@@ -32,16 +32,17 @@ from infergate.gateway import __version__, metrics
 from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from infergate.gateway.auth import AuthSetupError, Authenticator
-from infergate.gateway.config import GatewayConfig, ModelRouteConfig
+from infergate.gateway.config import GatewayConfig, ModelRouteConfig, cpus_available
 from infergate.gateway.errors import ArtifactRejected, BackendUnavailable, GatewayError
 from infergate.gateway.features import FeatureStore, gateway_signature
 from infergate.gateway.feedback import add_feedback
+from infergate.gateway.hangup import hang_up
 from infergate.gateway.logs import AccessLog, RefusedCalls
 from infergate.gateway.monitor import ModelMonitor, build_monitor
 from infergate.gateway.pipeline import ModelEndpoint, Pipeline, Variant
 from infergate.gateway.servicer import InferenceServicer
 from infergate.gateway.telemetry import Tracing
-from infergate.gateway.admission import MemoryBudget
+from infergate.gateway.admission import MemoryBudget, limit_malloc_arenas
 from infergate.gateway.open_services import BudgetedReflectionServicer, DrainingHealthServicer, OpenStreamBudget
 from infergate.gateway.wire import DecodingRegistry
 from infergate.router.batcher import Batcher
@@ -52,6 +53,24 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_MIN_S = 1.0
 """The least time ``server.stop`` gives calls in progress; they are refusals or ending streams by then."""
+WATCHES_END_WITHIN_S = 1.0
+"""On shutdown, how long Health.Watch streams get to write NOT_SERVING and end before connections close."""
+FLUSH_BEFORE_HANGUP_S = 0.05
+"""Then this long for grpc core to send the last answers and statuses before the connections close."""
+KEEPALIVE_OPTIONS = (
+    # A client may ping while it has calls open at most every 10 s (grpc's default is 5 min, which
+    # cuts off clients that keep long streams alive), and not at all while it has none (grpc: 2 h).
+    # Strikes reset whenever the gateway sends data; the third ping too soon is answered GOAWAY
+    # ENHANCE_YOUR_CALM "too_many_pings" and the connection is closed, so a PING flood costs a
+    # connection, not the gateway (tests/reliability/test_frame_floods.py).
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # The gateway's own keepalive pings to its clients: grpc's server defaults, stated.
+    ("grpc.keepalive_time_ms", 2 * 3600 * 1000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+"""HTTP/2 keepalive and ping-abuse settings of the gateway's server (explicit, not left to grpc)."""
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -320,6 +339,7 @@ class Gateway:
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),
+            *KEEPALIVE_OPTIONS,
         ]
         server = grpc.aio.server(
             interceptors=self._interceptors,
@@ -402,9 +422,17 @@ class Gateway:
             drain_started = time.monotonic()
             if self._servicer is not None:
                 await self._servicer.drain(grace, self.config.server.drain_notice_s)
-            # At least STOP_GRACE_MIN_S: calls the server took in during the last moments of the drain
-            # (refused at once, or WatchRoutes/Watch ending) are answered, never cut off as CANCELLED.
+            # grpc core drops the calls it holds when it stops (clients see CANCELLED) and sends GOAWAY
+            # only after; shutting the listener and then the connections first ends them UNAVAILABLE
+            # (gateway/hangup.py). No await before the stop: nothing may run in between.
+            closed = (0, 0)
+            if self._health is not None:  # watchers hear NOT_SERVING and their stream's end before the close
+                await self._health.watches_ended(WATCHES_END_WITHIN_S)
+            await asyncio.sleep(FLUSH_BEFORE_HANGUP_S)
+            if self.port and not self.config.server.listen.startswith("unix:"):
+                closed = hang_up(self.port)
             await self._server.stop(max(STOP_GRACE_MIN_S, grace - (time.monotonic() - drain_started)))
+            log.info("drain over: listener and %d client connection(s) closed before the server stopped", closed[1])
             self._server = None
         self.tracing.shutdown()
         if self.routing is not None:  # before backends close: shadow copies use them
@@ -477,6 +505,8 @@ def log_started(gateway: Gateway) -> None:
 
 async def serve(config: GatewayConfig, gateway_factory: Callable[[GatewayConfig], Gateway] = Gateway) -> int:
     """Run one replica until SIGTERM or SIGINT; return the process exit code."""
+    # Before grpc's server threads exist: fewer arenas keep large request buffers from staying resident.
+    limit_malloc_arenas(max(2, cpus_available()))
     gateway = gateway_factory(config)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()

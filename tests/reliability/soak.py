@@ -1,6 +1,7 @@
 """The reliability soak: a real gateway at about 70 % of its capacity, valid and invalid calls mixed.
 
-    python -m tests.reliability.soak --minutes 10
+    python -m tests.reliability.soak --minutes 10            # gateway on the first half of the CPUs, load on the rest
+    python -m tests.reliability.soak --minutes 10 --server-cpus 0 --client-cpus 1
 
 Starts a local redis-server and ``infergate serve`` over ONNX Runtime (the test models), measures
 the gateway's capacity for 10 s with closed-loop callers, then calls at 70 % of it for the given
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -25,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from benchmarks.cpus import CpuSetError, check_disjoint, children_pinned_to, default_split, parse_cpu_list, usable_cpus
 from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway.local_redis import LocalRedis
 from tests.reliability.conftest import rss_bytes
@@ -104,14 +107,31 @@ def run_callers(url: str, seconds: float, rate_per_s: float | None, tally: Tally
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--server-cpus", help="CPUs of the gateway (kernel list, e.g. 0); default: the first half")
+    parser.add_argument("--client-cpus", help="CPUs of the load (e.g. 1); default: the rest")
+    parser.add_argument("--no-pin", action="store_true", help="let gateway and load float over every CPU")
     args = parser.parse_args(argv)
+    server_cpus = client_cpus = None
+    if not args.no_pin:
+        split = default_split(usable_cpus())
+        try:
+            server_cpus = parse_cpu_list(args.server_cpus) if args.server_cpus else (split[0] if split else None)
+            client_cpus = parse_cpu_list(args.client_cpus) if args.client_cpus else (split[1] if split else None)
+            if server_cpus is not None and client_cpus is not None:
+                check_disjoint(server_cpus, client_cpus, usable_cpus())
+        except CpuSetError as exc:
+            parser.error(str(exc))
     seconds = args.minutes * 60
     workdir = Path(tempfile.mkdtemp(prefix="infergate-soak-"))
-    redis = LocalRedis().start()
+    with children_pinned_to(server_cpus):  # Redis beside the gateway, apart from the load
+        redis = LocalRedis().start()
     gateway = None
     try:
         config = dict(onnx_config(write_models(workdir / "models")), redis={"url": redis.url})
-        gateway = GatewayProcess(config, workdir, name="soak-gateway").start()
+        with children_pinned_to(server_cpus):  # the gateway and its threads, from their first instruction
+            gateway = GatewayProcess(config, workdir, name="soak-gateway").start()
+        if client_cpus is not None:
+            os.sched_setaffinity(0, client_cpus)  # the load: this process's caller threads
         pid = gateway.process.pid
         probe = Tally()
         run_callers(gateway.url, CAPACITY_PROBE_S, None, probe)
@@ -139,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         growth = (warm[-1] - warm[0]) / warm[0] if len(warm) >= 2 else 0.0
         result = {
             "minutes": args.minutes,
+            "server_cpus": sorted(server_cpus) if server_cpus else "any",
+            "client_cpus": sorted(client_cpus) if client_cpus else "any",
             "capacity_rps": round(capacity, 1),
             "target_rps": round(rate, 1),
             "achieved_rps": round(tally.calls / took, 1),

@@ -71,14 +71,17 @@ def entity_request(rows: int, typed_bytes: bool = False) -> pb.ModelInferRequest
 @pytest.mark.parametrize("typed_bytes,rows", [(False, HUGE), (True, HUGE // 10)], ids=["raw INT64 ids", "typed BYTES ids"])
 async def test_too_many_entities_are_refused_without_stalling_the_loop(scorer_path, redis_url, typed_bytes, rows):  # noqa: F811
     request = entity_request(rows, typed_bytes)
-    async with running_gateway(feature_config(scorer_path, redis_url)) as gateway:
+    config = feature_config(scorer_path, redis_url)
+    # 32 MB of ids: past the 4 MiB default grpc itself would refuse them; this is about the gateway.
+    config["server"] = {**config.get("server", {}), "max_message_bytes": 64 << 20}
+    async with running_gateway(config) as gateway:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = GRPCInferenceServiceStub(channel)
             async with LoopWatch() as watch:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.ModelInfer(request, timeout=60)
-            config = await stub.ModelConfig(pb.ModelConfigRequest(name="scorer"), timeout=10)
+            model_config = await stub.ModelConfig(pb.ModelConfigRequest(name="scorer"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "over the model's max_batch_size 1024" in err.value.details()
     assert watch.worst_s < LOOP_STALL_LIMIT_S, f"the event loop stalled {watch.worst_s:.2f}s"
-    assert config.config.max_batch_size == 1024
+    assert model_config.config.max_batch_size == 1024
