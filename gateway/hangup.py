@@ -6,11 +6,14 @@ dropping it, and the client sees CANCELLED. Only then does core send GOAWAY, so 
 calling a replica that says NOT_SERVING loses the calls it sends in that window (0-7 in 9,000 in
 the reliability test). grpc Python offers no way to send GOAWAY before stopping.
 
-What: once the drain is over (in-flight calls done, the notice given), the gateway shuts down its
-listening socket and then the sockets of its accepted connections (``shutdown(SHUT_RDWR)``), and
-stops the server in the same step, with no await between. A client then sees its connection
-closed, and every call it had sent or was sending on it ends UNAVAILABLE (retryable), never
-CANCELLED; it cannot reconnect, since nothing listens. Every call in progress is over by then, so
+What: once the drain is over (in-flight calls done, the notice given), the gateway makes its
+listening socket drop new connection attempts (a socket filter that drops every packet: SYNs go
+unanswered, so no new connection is made, and grpc core's accept loop sees no error), shuts down
+the sockets of its accepted connections (``shutdown(SHUT_RDWR)``), and stops the server in the same
+step, with no await between. A client then sees its connection closed, and every call it had sent
+or was sending on it ends UNAVAILABLE (retryable), never CANCELLED; its reconnection attempt is not
+answered until the listener is closed, then refused (UNAVAILABLE). Shutting the listener down
+instead would do the same but makes grpc core log an ERROR ("Failed accept4") at every stop. Every call in progress is over by then, so
 no answer is lost that was owed.
 
 Linux only (``/proc``): elsewhere nothing is closed and ``server.stop`` behaves as before.
@@ -18,14 +21,19 @@ Linux only (``/proc``): elsewhere nothing is closed and ``server.stop`` behaves 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
+import struct
 from pathlib import Path
 
 
 ESTABLISHED = "01"
 LISTEN = "0A"
 """The kernel's TCP state codes in /proc/net/tcp."""
+SO_ATTACH_FILTER = 26
+_DROP_EVERYTHING = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))
+"""A classic BPF program of one instruction, ``ret #0``: keep no byte of any packet (drop it)."""
 
 
 def socket_inodes(port: int, state: str, proc_net: Path = Path("/proc/net")) -> set[int]:
@@ -64,21 +72,30 @@ def socket_fds(inodes: set[int], fd_dir: Path = Path("/proc/self/fd")) -> list[i
 
 
 def hang_up(port: int) -> tuple[int, int]:
-    """Stop listening on ``port``, then shut down (both ways) the accepted connections on it;
-    returns (listeners, connections) shut down.
+    """Stop taking new connections on ``port``, then shut down (both ways) the accepted connections
+    on it; returns (listeners, connections) done.
 
     The listener first: a client whose connection closes reconnects at once, and a call it sends
-    on a new connection before grpc core stops would be dropped (CANCELLED); with the listener shut,
-    that attempt is refused (UNAVAILABLE). The file descriptors stay open and owned by grpc core,
+    on a new connection before grpc core stops would be dropped (CANCELLED); with new connections
+    dropped, that attempt goes unanswered until the listener is closed, then is refused (UNAVAILABLE). The file descriptors stay open and owned by grpc core,
     which sees them end and tears its listener and transports down; only ``shutdown`` is called on
     them, never ``close``. Log after the server has stopped, not here: every moment counts.
     """
-    listeners = _shut(socket_fds(socket_inodes(port, LISTEN)), port)
-    connections = _shut(socket_fds(socket_inodes(port, ESTABLISHED)), port)
+    listeners = _shut(socket_fds(socket_inodes(port, LISTEN)), port, _drop_new_connections)
+    connections = _shut(socket_fds(socket_inodes(port, ESTABLISHED)), port, _shut_down)
     return listeners, connections
 
 
-def _shut(fds: list[int], port: int) -> int:
+def _drop_new_connections(sock: socket.socket) -> None:
+    program = struct.pack("HL", 1, ctypes.addressof(_DROP_EVERYTHING))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _shut(fds: list[int], port: int, action) -> int:
     done = 0
     for fd in fds:
         try:
@@ -88,7 +105,7 @@ def _shut(fds: list[int], port: int) -> int:
         try:
             if sock.getsockname()[1] != port:  # the descriptor was closed and reused since it was found
                 continue
-            sock.shutdown(socket.SHUT_RDWR)
+            action(sock)
             done += 1
         except OSError:  # already closed by the peer or by core
             pass
