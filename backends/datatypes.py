@@ -87,3 +87,12 @@ def decode_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
     if offset != size:
         raise ValueError(f"BYTES tensor: {size - offset} bytes left over after {count} elements")
     return items
+
+
+def raw_contents(array: np.ndarray, datatype: str) -> bytes:
+    """``array`` as KServe v2 raw contents: little-endian and contiguous, BYTES length-prefixed."""
+    if datatype == "BYTES":
+        return encode_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array).tobytes()

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 
 from infergate.backends.base import Backend, ModelSignature, TensorSpec
-from infergate.backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
+from infergate.backends.datatypes import NUMPY_DTYPES, decode_bytes, raw_contents, triton_datatype
 from infergate.gateway.config import TritonBackendConfig, split_host_port
 from infergate.gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, Internal, error_for_status
 
@@ -106,7 +106,7 @@ class TritonBackend(Backend):
         for name, array in inputs.items():
             datatype = triton_datatype(array.dtype)
             request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-            request.raw_input_contents.append(_to_raw(array, datatype))
+            request.raw_input_contents.append(raw_contents(array, datatype))
         for name in outputs:
             request.outputs.add(name=name)
         try:
@@ -125,14 +125,6 @@ class TritonBackend(Backend):
         except grpc.aio.AioRpcError:
             return False
         return answer.ready
-
-
-def _to_raw(array: np.ndarray, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        return encode_bytes(array)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array).tobytes()
 
 
 def _outputs(response: tpb.ModelInferResponse, names: Sequence[str], model: str) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from infergate.backends.base import ModelSignature, TensorSpec
-from infergate.backends.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes, triton_datatype
+from infergate.backends.datatypes import NUMPY_DTYPES, decode_bytes, raw_contents, triton_datatype
 from infergate.gateway._proto.inference import grpc_service_pb2 as pb
 from infergate.gateway._proto.inference import model_config_pb2 as mc
 from infergate.gateway.errors import InvalidArgument
@@ -263,16 +263,8 @@ def encode_infer_response(
     for name, array in outputs.items():
         datatype = triton_datatype(array.dtype)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(_to_raw(array, datatype))
+        response.raw_output_contents.append(raw_contents(array, datatype))
     return response
-
-
-def _to_raw(array: np.ndarray, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        return encode_bytes(array)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array).tobytes()
 
 
 def encode_model_metadata(model: str, signature: ModelSignature) -> pb.ModelMetadataResponse:

@@ -101,16 +101,27 @@ def strict_handler(
 
     if not handler.request_streaming:
         inner = handler.unary_unary or handler.unary_stream
+
+        async def opened(raw: bytes, context) -> tuple[Any, int]:
+            """The auth check, the budget, then the decoding: the request and the bytes of the budget
+            it holds (the caller releases them); a refusal ends the call here."""
+            if guard is not None:
+                refusal = await guard.check(method, context.invocation_metadata())
+                if refusal is not None:
+                    await refusal.refuse_unary(raw, context)
+            reserved = await admit_or_abort(budget, raw, context, refused, method)
+            try:
+                return await decode_or_abort(deserialize, raw, context, what, refused, method), reserved
+            except BaseException:
+                if reserved:
+                    budget.release(reserved)
+                raise
+
         if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
             async def unary_stream(raw: bytes, context):
-                if guard is not None:
-                    refusal = await guard.check(method, context.invocation_metadata())
-                    if refusal is not None:
-                        await refusal.refuse_unary(raw, context)
-                reserved = await admit_or_abort(budget, raw, context, refused, method)
+                request, reserved = await opened(raw, context)
                 try:
-                    request = await decode_or_abort(deserialize, raw, context, what, refused, method)
                     async for response in inner(request, context):
                         yield response
                 finally:
@@ -120,13 +131,9 @@ def strict_handler(
             return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
 
         async def unary(raw: bytes, context):
-            if guard is not None:
-                refusal = await guard.check(method, context.invocation_metadata())
-                if refusal is not None:
-                    await refusal.refuse_unary(raw, context)
-            reserved = await admit_or_abort(budget, raw, context, refused, method)
+            request, reserved = await opened(raw, context)
             try:
-                return await inner(await decode_or_abort(deserialize, raw, context, what, refused, method), context)
+                return await inner(request, context)
             finally:
                 if reserved:
                     budget.release(reserved)
@@ -146,13 +153,18 @@ def strict_handler(
                 raise MalformedMessage(f"malformed {what} message") from exc
 
     inner = handler.stream_unary or handler.stream_stream
+
+    async def admitted(raw_messages, context) -> None:
+        """The auth check of a stream; a refused one is drained (bounded) and ended here."""
+        if guard is not None:
+            refusal = await guard.check(method, context.invocation_metadata())
+            if refusal is not None:
+                await refusal.refuse_stream(raw_messages, context)
+
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
         async def stream_stream(raw_messages, context):
-            if guard is not None:
-                refusal = await guard.check(method, context.invocation_metadata())
-                if refusal is not None:
-                    await refusal.refuse_stream(raw_messages, context)
+            await admitted(raw_messages, context)
             try:
                 async for response in inner(decoded(raw_messages), context):
                     yield response
@@ -162,10 +174,7 @@ def strict_handler(
         return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 
     async def stream(raw_messages, context):
-        if guard is not None:
-            refusal = await guard.check(method, context.invocation_metadata())
-            if refusal is not None:
-                await refusal.refuse_stream(raw_messages, context)
+        await admitted(raw_messages, context)
         try:
             return await inner(decoded(raw_messages), context)
         except MalformedMessage as exc:
