@@ -114,6 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server-cpus", default="0")
     parser.add_argument("--client-cpus", default="1")
+    parser.add_argument("--redis-cpus", default="", help="CPUs for redis-server (default: the server CPUs)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration-s", type=float, default=3.0)
@@ -124,7 +125,7 @@ def main() -> int:
     os.sched_setaffinity(0, parse_cpu_list(args.client_cpus))
     workdir = Path(tempfile.mkdtemp(prefix="infergate-feature-fetch-"))
     rows = np.random.default_rng(1).normal(size=(ENTITIES, DIM)).astype(np.float32)
-    with children_pinned_to(server_cpus):
+    with children_pinned_to(parse_cpu_list(args.redis_cpus) if args.redis_cpus else server_cpus):
         redis = LocalRedis().start()
     try:
         import redis as redis_sync
@@ -180,7 +181,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["python -m infergate.benchmarks.feature_fetch", *sys.argv[1:]]),
         "entities": ENTITIES, "dim": DIM, "concurrency": args.concurrency,
-        "server_cpus": args.server_cpus, "client_cpus": args.client_cpus,
+        "server_cpus": args.server_cpus, "client_cpus": args.client_cpus, "redis_cpus": args.redis_cpus or args.server_cpus,
         "rounds": rounds, "median": summary,
         "ratio_fetched_to_direct": {
             "rps": statistics.median(r["rps"] for r in ratios),

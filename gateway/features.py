@@ -14,7 +14,6 @@ buffer read by one ``np.frombuffer``; only a batch with missing or malformed row
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,12 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 import hiredis
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from infergate.backends.base import ModelSignature, TensorSpec
 from infergate.gateway import metrics
 from infergate.gateway.config import FeatureViewConfig, ModelFeaturesConfig
 from infergate.gateway.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
+from infergate.gateway.redis_pipe import RedisPipe
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,21 @@ class FeatureStore:
         self._url = url
         self._views = dict(views)
         self._clock = clock
-        self._redis: aioredis.Redis | None = None
+        self._redis: RedisPipe | None = None
         self._key_parts = {name: _key_parts(view.key_template) for name, view in self._views.items()}
+        self._fetch_duration = {name: metrics.FEATURE_FETCH_DURATION.labels(name) for name in self._views}
 
     async def start(self) -> None:
-        self._redis = aioredis.Redis.from_url(self._url, socket_connect_timeout=1.0)
+        self._redis = RedisPipe(self._url, connect_timeout_s=1.0)
+        try:  # connected before the first call, so that its time is not taken from a fetch's budget
+            await self._redis.execute(hiredis.pack_command((b"PING",)))
+        except RedisError as exc:
+            log.warning("feature store: Redis not reachable at start (%s); fetches will retry", exc)
 
     async def close(self) -> None:
         client, self._redis = self._redis, None
         if client is not None:
-            await client.aclose()
+            await client.close()
 
     async def enrich(
         self, features: ModelFeaturesConfig, inputs: Mapping[str, np.ndarray], deadline: float
@@ -115,44 +120,40 @@ class FeatureStore:
         keys = [prefix + entity + suffix for entity in ids]
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout):
-                raw = await self._read(view, keys)
+            raw = await self._read(view, keys, timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             if view.on_error == "zeros":
                 log.warning("feature view %s unavailable (%s); serving zeros", view_name, type(exc).__name__)
                 return np.zeros((len(ids), view.dim), np.float32), len(ids)
             raise Unavailable(f"feature store unavailable for view {view_name!r}") from exc
         finally:
-            metrics.FEATURE_FETCH_DURATION.labels(view_name).observe(time.perf_counter() - started)
+            self._fetch_duration[view_name].observe(time.perf_counter() - started)
         if view.encoding == "float32":
-            row_bytes = 4 * view.dim
-            if all(value is not None and len(value) == row_bytes for value in raw):
+            try:
+                lengths = set(map(len, raw))  # TypeError on a missing row (None)
+            except TypeError:
+                lengths = set()
+            if lengths == {4 * view.dim}:
                 return np.frombuffer(b"".join(raw), dtype="<f4").reshape(len(ids), view.dim), 0
         return self._decode(view_name, view, ids, raw)
 
-    async def _read(self, view: FeatureViewConfig, keys: list[bytes]) -> list:
+    async def _read(self, view: FeatureViewConfig, keys: list[bytes], timeout: float) -> list:
+        """One MGET (packed views) or one HMGET per key (hash views), packed by hiredis in C and
+        sent in one write on the shared pipelined connection."""
         if self._redis is None:
             raise RedisError("feature store is not started")
+        if not keys:
+            return []
         if view.encoding == "float32":
-            return await self._mget(keys)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hmget(key, list(view.fields))
-            return await pipe.execute()
-
-    async def _mget(self, keys: list[bytes]) -> list:
-        """One MGET on a pooled connection, packed by hiredis in C: redis-py's asyncio client packs a
-        command argument by argument in Python, which was most of a 64-key fetch's CPU."""
-        pool = self._redis.connection_pool  # type: ignore[union-attr]
-        connection = await pool.get_connection()
-        try:
-            await connection.send_packed_command(hiredis.pack_command((b"MGET", *keys)), check_health=False)
-            return await connection.read_response()
-        except BaseException:
-            await connection.disconnect()  # a reply half read (timeout, cancel) must not reach the next caller
-            raise
-        finally:
-            await pool.release(connection)
+            replies = await self._redis.execute(hiredis.pack_command((b"MGET", *keys)), 1, timeout)
+        else:
+            fields = tuple(view.fields)
+            packed = b"".join([hiredis.pack_command((b"HMGET", key, *fields)) for key in keys])
+            replies = await self._redis.execute(packed, len(keys), timeout)
+        errors = [reply for reply in replies if isinstance(reply, hiredis.ReplyError)]
+        if errors:
+            raise ResponseError(str(errors[0]))
+        return replies[0] if view.encoding == "float32" else replies
 
     @staticmethod
     def _decode(view_name: str, view: FeatureViewConfig, ids: Sequence[bytes], raw: list) -> tuple[np.ndarray, int]:

@@ -232,3 +232,26 @@ async def test_a_fetch_cut_off_by_its_timeout_never_hands_its_late_reply_to_the_
         client.close()
     np.testing.assert_array_equal(rows, second[None, :])
     assert misses == 0
+
+
+async def test_concurrent_fetches_share_one_connection_opened_at_start(redis_url):
+    """Opening connections on demand under a burst (redis-py's pool opens one per concurrent
+    command, each slow to set up) made the first calls after a start miss the view's timeout."""
+    from infergate.gateway.config import FeatureViewConfig
+    from infergate.gateway.features import FeatureStore
+
+    view = FeatureViewConfig(key_template="burst:{id}", dim=DIM, timeout_ms=1000)
+    client = redis.Redis.from_url(redis_url)
+    rows = {f"e{i}": np.full(DIM, i, "<f4") for i in range(64)}
+    client.mset({f"burst:{entity}": vector.tobytes() for entity, vector in rows.items()})
+    before = int(client.info("stats")["total_connections_received"])
+    store = FeatureStore(redis_url, {"v": view})
+    await store.start()
+    try:
+        fetched = await asyncio.gather(*(store.fetch("v", [entity.encode()], deadline=1e12) for entity in rows))
+        opened = int(client.info("stats")["total_connections_received"]) - before
+    finally:
+        await store.close()
+        client.close()
+    assert [rows_[0][0, 0] for rows_ in fetched] == [float(i) for i in range(64)]
+    assert opened == 1
