@@ -37,6 +37,7 @@ ENTITY = ModelSignature(
     outputs=(TensorSpec("OUTPUT", "FP32", (-1, 2)),),
     batched=True,
 )
+FREE = ModelSignature(inputs=(TensorSpec("M", "FP32", (-1, -1)),), outputs=(TensorSpec("Y", "FP32", (-1,)),), batched=True)
 FIXED = ModelSignature(inputs=(TensorSpec("X", "FP32", (3,)),), outputs=(TensorSpec("Y", "FP32", (3,)),), batched=False)
 
 
@@ -159,6 +160,9 @@ def _corpus():
     yield "entity-int32", request(("ID", "INT32", [3]), raw=[bytes(12)]), ENTITY, 0
     yield "entity-int64-short", request(("ID", "INT64", [3]), raw=[int64(2)]), ENTITY, 0
     yield "entity-over-limit", request(("ID", "INT64", [65]), raw=[int64(65)]), ENTITY, 64
+    yield "bytes-negative", request(("TEXT", "BYTES", [-2]), raw=[texts(b"a", b"b")]), TEXT, 0
+    yield "free-dims", request(("M", "FP32", [2, 2]), raw=[fp32(4)]), FREE, 0
+    yield "free-dims-both-negative", request(("M", "FP32", [-2, -2]), raw=[fp32(4)]), FREE, 0
     yield "unbatched", request(("X", "FP32", [3]), raw=[fp32(3)]), FIXED, 0
     yield "unbatched-limit-ignored", request(("X", "FP32", [3]), raw=[fp32(3)]), FIXED, 1
     yield "unbatched-wrong", request(("X", "FP32", [4]), raw=[fp32(4)]), FIXED, 0
