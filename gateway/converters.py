@@ -124,7 +124,7 @@ def _decode_plain(request: pb.ModelInferRequest, signature: ModelSignature, max_
         if spec is None or name in inputs or len(tensor.parameters) or tensor.HasField("contents"):
             return None
         datatype = tensor.datatype
-        shape = tuple(tensor.shape)
+        shape = tensor.shape[:]  # a list: half the cost of tuple() on a repeated field
         if not (datatype == spec.datatype and _fits_plainly(shape, spec.shape)):
             if not any(datatype == other and _fits_plainly(shape, want) for other, want in spec.accepts):
                 return None
@@ -142,12 +142,12 @@ def _decode_plain(request: pb.ModelInferRequest, signature: ModelSignature, max_
             continue
         if len(raw) != _element_count(shape) * dtype.itemsize:
             return None
-        inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        inputs[name] = np.ndarray(shape, dtype, raw)  # a read-only view of the bytes, as np.frombuffer gives
     outputs = _requested_outputs(request, signature) if len(request.outputs) else signature.output_names
     return DecodedRequest(inputs, outputs, parameters, rows)
 
 
-def _fits_plainly(shape: tuple[int, ...], want: tuple[int, ...]) -> bool:
+def _fits_plainly(shape: Sequence[int], want: tuple[int, ...]) -> bool:
     """``shape`` has ``want``'s rank, no negative dimension, and ``want``'s size where it has one."""
     if len(shape) != len(want):
         return False
@@ -235,7 +235,7 @@ def _element_count(shape: Sequence[int]) -> int:
     return count
 
 
-def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+def _from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     count = _element_count(shape)
     if datatype == "BYTES":
         if count > len(raw) // 4:
