@@ -336,7 +336,10 @@ def encode_infer_response(
     model_version: str = "1",
 ) -> pb.ModelInferResponse:
     """The response message: outputs in ``raw_output_contents``, ``parameters["variant"]`` set."""
-    response = pb.ModelInferResponse(model_name=model, model_version=model_version, id=request_id)
+    response = pb.ModelInferResponse()
+    response.model_name = model  # attribute by attribute: cheaper than keyword arguments in upb
+    response.model_version = model_version
+    response.id = request_id
     response.parameters["variant"].string_param = variant
     tensors = response.outputs
     contents = response.raw_output_contents
@@ -347,7 +350,10 @@ def encode_infer_response(
             raw = raw_contents(array, datatype)
         else:
             raw = array.tobytes()  # C order whatever the strides: what raw_contents gives, one call less
-        tensors.add(name=name, datatype=datatype, shape=array.shape)
+        tensor = tensors.add()
+        tensor.name = name
+        tensor.datatype = datatype
+        tensor.shape[:] = array.shape
         contents.append(raw)
     return response
 
