@@ -99,12 +99,13 @@ def decode_infer_request(
 def _decode_plain(request: pb.ModelInferRequest, signature: ModelSignature, max_batch_size: int) -> DecodedRequest | None:
     """The common request in fewer steps, or None when it is anything else.
 
-    Common: every input once, in raw contents, with the spec's own datatype and a shape that fits
-    the spec's, no tensor parameters, no typed contents, rows that agree and fit the limit. Each
-    condition here is stricter than its check in ``_decode_checked``, so a request this accepts,
-    that one accepts too, with the same result; on anything else (an error included) this returns
-    None and ``_decode_checked`` decides, with its own words. The one error raised here is the
-    parameters' one, which ``_decode_checked`` also raises first.
+    Common: every input once, in raw contents, with the spec's datatype (or one of its
+    ``accepts`` pairs) and a shape that fits, no tensor parameters, no typed contents, rows that
+    agree and fit the limit. Each condition here is stricter than its check in
+    ``_decode_checked``, so a request this accepts, that one accepts too, with the same result; on
+    anything else (an error included) this returns None and ``_decode_checked`` decides, with its
+    own words. The errors raised here are the two that ``_decode_checked`` raises at the same
+    point: the parameters' (its first check) and the requested outputs' (once every input passed).
     """
     parameters = _decode_parameters(request.parameters) if len(request.parameters) else {}
     tensors = request.inputs
