@@ -14,6 +14,7 @@ import abc
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -45,10 +46,34 @@ class ModelSignature:
     platform: str = ""
 
     def input(self, name: str) -> TensorSpec | None:
-        return next((spec for spec in self.inputs if spec.name == name), None)
+        return self.input_specs.get(name)
 
     def output(self, name: str) -> TensorSpec | None:
-        return next((spec for spec in self.outputs if spec.name == name), None)
+        return self.output_specs.get(name)
+
+    # Lookups built on first use and kept (the signature is frozen): a request is checked against
+    # them on every call.
+    @cached_property
+    def input_specs(self) -> Mapping[str, TensorSpec]:
+        """Inputs by name (the first one where a name repeats)."""
+        return _by_name(self.inputs)
+
+    @cached_property
+    def output_specs(self) -> Mapping[str, TensorSpec]:
+        """Outputs by name (the first one where a name repeats)."""
+        return _by_name(self.outputs)
+
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        """Every output's name, in order."""
+        return tuple(spec.name for spec in self.outputs)
+
+
+def _by_name(specs: Sequence[TensorSpec]) -> dict[str, TensorSpec]:
+    found: dict[str, TensorSpec] = {}
+    for spec in specs:
+        found.setdefault(spec.name, spec)
+    return found
 
 
 class Backend(abc.ABC):

@@ -54,6 +54,12 @@ _CONTENTS_FIELD = {
 }
 _ALL_CONTENTS_FIELDS = frozenset(_CONTENTS_FIELD.values())
 
+_LITTLE_ENDIAN = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
+"""The fixed-size datatypes, as raw contents are read (KServe v2 raw contents are little-endian)."""
+
+_NATIVE_DATATYPES = {dtype: name for name, dtype in _LITTLE_ENDIAN.items() if dtype == dtype.newbyteorder("=")}
+"""Fixed-size numpy dtypes whose bytes already are raw contents (native order is little-endian)."""
+
 _CONFIG_DATATYPES = {name: mc.DataType.Value(f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in NUMPY_DTYPES}
 
 
@@ -84,6 +90,76 @@ def decode_infer_request(
 
     ``max_batch_size`` (when > 0) bounds the rows one request may carry.
     """
+    decoded = _decode_plain(request, signature, max_batch_size)
+    if decoded is None:
+        decoded = _decode_checked(request, signature, max_batch_size)
+    return decoded
+
+
+def _decode_plain(request: pb.ModelInferRequest, signature: ModelSignature, max_batch_size: int) -> DecodedRequest | None:
+    """The common request in fewer steps, or None when it is anything else.
+
+    Common: every input once, in raw contents, with the spec's datatype (or one of its
+    ``accepts`` pairs) and a shape that fits, no tensor parameters, no typed contents, rows that
+    agree and fit the limit. Each condition here is stricter than its check in
+    ``_decode_checked``, so a request this accepts, that one accepts too, with the same result; on
+    anything else (an error included) this returns None and ``_decode_checked`` decides, with its
+    own words. The errors raised here are the two that ``_decode_checked`` raises at the same
+    point: the parameters' (its first check) and the requested outputs' (once every input passed).
+    """
+    parameters = _decode_parameters(request.parameters) if len(request.parameters) else {}
+    tensors = request.inputs
+    raws = request.raw_input_contents
+    count = len(tensors)
+    if count != len(signature.inputs) or len(raws) != count:
+        return None
+    specs = signature.input_specs
+    batched = signature.batched
+    limit = _row_limit(signature, max_batch_size) if batched else 0
+    rows = 0
+    inputs: dict[str, np.ndarray] = {}
+    for index in range(count):
+        tensor = tensors[index]
+        name = tensor.name
+        spec = specs.get(name)
+        if spec is None or name in inputs or len(tensor.parameters) or tensor.HasField("contents"):
+            return None
+        datatype = tensor.datatype
+        shape = tensor.shape[:]  # a list: half the cost of tuple() on a repeated field
+        if not (datatype == spec.datatype and _fits_plainly(shape, spec.shape)):
+            if not any(datatype == other and _fits_plainly(shape, want) for other, want in spec.accepts):
+                return None
+        if batched:
+            if not shape or shape[0] == 0 or (rows and shape[0] != rows) or (limit and shape[0] > limit):
+                return None
+            rows = shape[0]
+        raw = raws[index]
+        dtype = _LITTLE_ENDIAN.get(datatype)
+        if dtype is None:  # BYTES (or a datatype the gateway does not know)
+            try:
+                inputs[name] = _from_raw(name, datatype, shape, raw)
+            except (InvalidArgument, KeyError):
+                return None
+            continue
+        if len(raw) != _element_count(shape) * dtype.itemsize:
+            return None
+        inputs[name] = np.ndarray(shape, dtype, raw)  # a read-only view of the bytes, as np.frombuffer gives
+    outputs = _requested_outputs(request, signature) if len(request.outputs) else signature.output_names
+    return DecodedRequest(inputs, outputs, parameters, rows)
+
+
+def _fits_plainly(shape: Sequence[int], want: tuple[int, ...]) -> bool:
+    """``shape`` has ``want``'s rank, no negative dimension, and ``want``'s size where it has one."""
+    if len(shape) != len(want):
+        return False
+    for got, expected in zip(shape, want):
+        if got < 0 or (got != expected and expected != -1):
+            return False
+    return True
+
+
+def _decode_checked(request: pb.ModelInferRequest, signature: ModelSignature, max_batch_size: int) -> DecodedRequest:
+    """Every check, one after another, each with its own message (any request)."""
     parameters = _decode_parameters(request.parameters)
     use_raw = len(request.raw_input_contents) > 0
     if use_raw and len(request.raw_input_contents) != len(request.inputs):
@@ -160,7 +236,7 @@ def _element_count(shape: Sequence[int]) -> int:
     return count
 
 
-def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+def _from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     count = _element_count(shape)
     if datatype == "BYTES":
         if count > len(raw) // 4:
@@ -182,7 +258,8 @@ def _typed_fields(tensor: pb.ModelInferRequest.InferInputTensor) -> list[str]:
     """The typed-contents fields that hold values (repeated fields have no presence, only a length)."""
     if not tensor.HasField("contents"):
         return []
-    return sorted(f for f in _ALL_CONTENTS_FIELDS if len(getattr(tensor.contents, f)))
+    # ListFields: only the fields that hold values, without a getattr per field of the message.
+    return sorted(f.name for f, _ in tensor.contents.ListFields() if f.name in _ALL_CONTENTS_FIELDS)
 
 
 def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -215,8 +292,10 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str,
 
 def _row_limit(signature: ModelSignature, max_batch_size: int) -> int:
     """The most rows a request may carry: the smaller of the two limits that are set (0: none)."""
-    limits = [x for x in (max_batch_size, signature.max_batch_size) if x > 0]
-    return min(limits) if limits else 0
+    own = signature.max_batch_size
+    if max_batch_size > 0:
+        return own if 0 < own < max_batch_size else max_batch_size
+    return own if own > 0 else 0
 
 
 def _check_rows(inputs: Mapping[str, np.ndarray], signature: ModelSignature, max_batch_size: int) -> int:
@@ -258,12 +337,25 @@ def encode_infer_response(
     model_version: str = "1",
 ) -> pb.ModelInferResponse:
     """The response message: outputs in ``raw_output_contents``, ``parameters["variant"]`` set."""
-    response = pb.ModelInferResponse(model_name=model, model_version=model_version, id=request_id)
+    response = pb.ModelInferResponse()
+    response.model_name = model  # attribute by attribute: cheaper than keyword arguments in upb
+    response.model_version = model_version
+    response.id = request_id
     response.parameters["variant"].string_param = variant
+    tensors = response.outputs
+    contents = response.raw_output_contents
     for name, array in outputs.items():
-        datatype = triton_datatype(array.dtype)
-        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(raw_contents(array, datatype))
+        datatype = _NATIVE_DATATYPES.get(array.dtype)
+        if datatype is None:  # BYTES, a byte-swapped array, or one with no Triton datatype (ValueError)
+            datatype = triton_datatype(array.dtype)
+            raw = raw_contents(array, datatype)
+        else:
+            raw = array.tobytes()  # C order whatever the strides: what raw_contents gives, one call less
+        tensor = tensors.add()
+        tensor.name = name
+        tensor.datatype = datatype
+        tensor.shape[:] = array.shape
+        contents.append(raw)
     return response
 
 
