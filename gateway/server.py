@@ -521,8 +521,8 @@ async def serve(config: GatewayConfig, gateway_factory: Callable[[GatewayConfig]
         return 1
     # What start-up built (modules, configs, sessions, handlers) lives as long as the process: moved
     # out of the collector's reach, a full collection scans only what serving allocated since. On
-    # the pinned plain gateway the one full collection in 20 000 calls paused the loop for 58 ms;
-    # after the freeze, see BENCHMARKS.md ("Garbage collection").
+    # the pinned plain gateway, one full collection in 47 000 calls stopped the loop for 66 ms; with
+    # the freeze there was none (BENCHMARKS.md, "Garbage collection").
     gc.collect()
     gc.freeze()
     print(f"infergate listening on port {gateway.port} metrics_port {gateway.metrics_port or 0}", flush=True)
