@@ -131,6 +131,14 @@ def process_cpu_s(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / _TICKS_PER_S
 
 
+def process_user_system_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` (children already reaped included), apart."""
+    fields = _stat_fields(pid)
+    user = int(fields[11]) + int(fields[13])
+    system = int(fields[12]) + int(fields[14])
+    return user / _TICKS_PER_S, system / _TICKS_PER_S
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process under ``pid`` (children, grandchildren...), found through their parent ids."""
     parents: dict[int, list[int]] = {}

@@ -9,8 +9,9 @@ entity ids [64] and reads their rows from a real ``redis-server`` (one MGET, pac
 ``direct`` takes the FP32 [64, 16] rows themselves. The gateway and Redis run on ``--server-cpus``,
 the load (one grpc.aio process sending pre-serialized requests) on ``--client-cpus``. The two
 alternate within each round; the figures are medians over rounds. Reported per model: requests/s,
-the gateway's CPU time per call (from /proc), and for ``fetched`` the fetch duration from the
-gateway's own histogram (the share of fetches under 1 ms, and its p99 bucket).
+the gateway's CPU time per call (from /proc, also apart as user and system time), and for
+``fetched`` the fetch duration from the gateway's own histogram (the share of fetches under 1 ms,
+and its p99 bucket).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infergate.benchmarks.cpus import children_pinned_to, parse_cpu_list, process_cpu_s
+from infergate.benchmarks.cpus import children_pinned_to, parse_cpu_list, process_user_system_s
 from infergate.benchmarks.loadgen import drive, summarize
 import infergate.benchmarks.scenarios  # noqa: F401  (puts the checkout's tests/support on sys.path)
 from infergate.gateway.local_redis import LocalRedis
@@ -81,9 +82,9 @@ async def _measure(url: str, request: bytes, concurrency: int, warmup_s: float, 
 
     loop = asyncio.get_running_loop()
     start = time.monotonic() + 0.05
-    marks: list[float] = []
-    loop.call_at(start + warmup_s, lambda: marks.append(process_cpu_s(pid)))
-    loop.call_at(start + warmup_s + duration_s, lambda: marks.append(process_cpu_s(pid)))
+    marks: list[tuple[float, float]] = []
+    loop.call_at(start + warmup_s, lambda: marks.append(process_user_system_s(pid)))
+    loop.call_at(start + warmup_s + duration_s, lambda: marks.append(process_user_system_s(pid)))
 
     async with grpc.aio.insecure_channel(url) as channel:
         infer = channel.unary_unary(MODEL_INFER)
@@ -97,7 +98,7 @@ async def _measure(url: str, request: bytes, concurrency: int, warmup_s: float, 
 
         tally = await drive(call, concurrency, start, warmup_s, duration_s)
         await asyncio.sleep(0.01)
-        return tally, marks[1] - marks[0]
+        return tally, marks[1][0] - marks[0][0], marks[1][1] - marks[0][1]
 
 
 def _fetch_histogram(metrics_port: int) -> dict[float, float]:
@@ -157,13 +158,14 @@ def main() -> int:
             for round_index in range(args.rounds):
                 order = list(requests) if round_index % 2 == 0 else list(reversed(requests))
                 for name in order:
-                    tally, cpu_s = asyncio.run(
+                    tally, user_s, system_s = asyncio.run(
                         _measure(url, requests[name], args.concurrency, args.warmup_s, args.duration_s, gateway.process.pid)
                     )
                     result = summarize(name, args.concurrency, 0.0, args.duration_s, [tally])
                     calls = max(result.requests, 1)
                     rounds[name].append({"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-                                         "errors": result.errors, "cpu_ms_per_call": 1000 * cpu_s / calls})
+                                         "errors": result.errors, "cpu_ms_per_call": 1000 * (user_s + system_s) / calls,
+                                         "user_ms_per_call": 1000 * user_s / calls, "system_ms_per_call": 1000 * system_s / calls})
             histogram = _fetch_histogram(gateway.metrics_port)
         finally:
             gateway.stop()
@@ -193,7 +195,8 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, values in summary.items():
         print(f"{name:8s} rps {values['rps']:8.0f}  p50 {values['p50_ms']:6.2f} ms  p99 {values['p99_ms']:6.2f} ms  "
-              f"gateway CPU {values['cpu_ms_per_call']:.3f} ms/call  errors {values['errors']:.0f}")
+              f"gateway CPU {values['cpu_ms_per_call']:.3f} ms/call (user {values['user_ms_per_call']:.3f}, "
+              f"system {values['system_ms_per_call']:.3f})  errors {values['errors']:.0f}")
     ratio = report["ratio_fetched_to_direct"]
     print(f"fetched / direct: requests/s {ratio['rps']:.2f}, CPU per call {ratio['cpu_per_call']:.2f}")
     print(f"fetches: {int(total)}, {100 * under_1ms:.1f} % under 1 ms, p99 at or under {p99_bucket} s")
