@@ -22,14 +22,18 @@ def mget(*keys: str) -> bytes:
     return hiredis.pack_command((b"MGET", *keys))
 
 
+def seed(url: str, values: dict[str, str]) -> None:
+    client = redis.Redis.from_url(url)
+    client.mset(values)
+    client.close()
+
+
 def connections_received(client: redis.Redis) -> int:
     return int(client.info("stats")["total_connections_received"])
 
 
 async def test_concurrent_callers_each_get_their_own_replies(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    client.mset({f"k{i}": f"v{i}" for i in range(200)})
-    client.close()
+    seed(redis_url, {f"k{i}": f"v{i}" for i in range(200)})
     pipe = RedisPipe(redis_url)
     try:
         answers = await asyncio.gather(*(pipe.execute(mget(f"k{i}", f"k{i + 1}", "absent")) for i in range(199)))
@@ -41,9 +45,7 @@ async def test_concurrent_callers_each_get_their_own_replies(redis_url):
 
 
 async def test_an_error_reply_is_returned_to_its_caller_and_the_stream_stays_in_step(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    client.set("plain", "x")
-    client.close()
+    seed(redis_url, {"plain": "x"})
     pipe = RedisPipe(redis_url)
     try:
         wrong, right = await asyncio.gather(
@@ -168,9 +170,7 @@ async def test_a_unix_socket_url_is_served(tmp_path):
 
 
 async def test_each_caller_times_out_at_its_own_deadline_and_an_answer_in_time_is_kept(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    client.set("a", "1")
-    client.close()
+    seed(redis_url, {"a": "1"})
     pipe = RedisPipe(redis_url)
     try:
         await pipe.execute(mget("a"))
