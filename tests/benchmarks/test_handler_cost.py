@@ -34,3 +34,14 @@ async def test_a_refused_call_is_not_counted_as_an_answer(tmp_path):
             await call(request.SerializeToString(), handler_cost._Context((("authorization", "Bearer nope"),)))
     finally:
         await gateway.stop(0)
+
+
+async def test_feature_handler_cost_times_every_target_and_they_answer_alike():
+    """``feature_handler_cost`` checks that the gateway and the lean server, fetched and direct,
+    give the same scores before it times them (it raises otherwise)."""
+    from infergate.benchmarks import feature_handler_cost
+
+    args = argparse.Namespace(rounds=1, calls=64, concurrency=4, redis_cpus="", only="")
+    rounds = await feature_handler_cost._main(args)
+    assert set(rounds) == {"lean-direct", "lean-fetched", "direct", "fetched"}
+    assert all(len(values) == 1 and values[0] > 0 for values in rounds.values())

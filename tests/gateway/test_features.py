@@ -205,6 +205,54 @@ async def test_bulk_fetch_reads_keys_around_the_id_and_refuses_malformed_rows(re
     assert "malformed row" in err.value.message and "short" in err.value.message
 
 
+@pytest.mark.parametrize("prefix, suffix", [(b"user_profile:", b""), (b"a%d{", b"}%s:x"), (b"", b"")])
+def test_mget_template_packs_int64_ids_as_hiredis_does(prefix, suffix):
+    """Every id length (1-19 digits, with and without a minus sign), mixed in one command, and a
+    template holding ``%`` (which the one-format build must not read as a placeholder)."""
+    import hiredis
+
+    from infergate.gateway.features import MgetTemplate
+
+    int64 = np.iinfo(np.int64)
+    edges = [0, 9, 10, 99, 100, 10**18 - 1, 10**18, int64.max, -1, -9, -10, -(10**18), int64.min + 1]
+    cases = [np.array(edges), np.arange(64), np.arange(-32, 32).reshape(-1, 1), np.array([7]),
+             np.random.default_rng(3).integers(-(10**12), 10**12, size=300)]
+    template = MgetTemplate(prefix, suffix)
+    for ids in cases:
+        ids = ids.astype(np.int64)
+        keys = [prefix + b"%d" % entity + suffix for entity in ids.reshape(-1).tolist()]
+        assert template.command(ids) == hiredis.pack_command((b"MGET", *keys))
+    assert template.command(np.array([int64.min, 1], dtype=np.int64)) is None  # fetched through the keys instead
+
+
+async def test_int64_ids_of_every_length_fetch_their_own_rows(redis_url):
+    """INT64 ids go through the one-format MGET: rows come back in the ids' order, a missing id is
+    zeros, and int64's minimum (which the template leaves to the per-key path) is read too."""
+    from infergate.gateway.config import FeatureViewConfig
+    from infergate.gateway.features import FeatureStore
+
+    int64 = np.iinfo(np.int64)
+    ids = np.array([5, -5, 12, 123456789, int64.max, -(10**15), 0, int64.min], dtype=np.int64)
+    rng = np.random.default_rng(11)
+    rows = {int(entity): rng.normal(size=DIM).astype("<f4") for entity in ids}
+    client = redis.Redis.from_url(redis_url)
+    for entity, vector in rows.items():
+        client.set(f"i64:{{x}}%:{entity}", vector.tobytes())
+    client.close()
+    store = FeatureStore(redis_url, {"v": FeatureViewConfig(key_template="i64:{{x}}%:{id}", dim=DIM, timeout_ms=1000)})
+    await store.start()
+    try:
+        fetched, misses = await store.fetch("v", ids.reshape(-1, 1), deadline=1e12)
+        with_missing, missing = await store.fetch("v", np.array([12, 77777, -5], dtype=np.int64), deadline=1e12)
+        with_min, min_misses = await store.fetch("v", ids[::-1].copy(), deadline=1e12)
+    finally:
+        await store.close()
+    np.testing.assert_array_equal(fetched, np.stack([rows[int(e)] for e in ids]))
+    assert misses == 0 and missing == 1 and min_misses == 0
+    np.testing.assert_array_equal(with_missing, np.stack([rows[12], np.zeros(DIM, "<f4"), rows[-5]]))
+    np.testing.assert_array_equal(with_min, np.stack([rows[int(e)] for e in ids[::-1]]))
+
+
 async def test_a_fetch_cut_off_by_its_timeout_never_hands_its_late_reply_to_the_next_fetch(redis_url):
     """The reply of a timed-out MGET arrives later on its connection; the next fetch must get its own rows."""
     from infergate.gateway.config import FeatureViewConfig
