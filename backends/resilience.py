@@ -181,7 +181,7 @@ class ResilientBackend(Backend):
         self.max_inflight = max_inflight
         self.retry = retry
         self._slots: asyncio.Semaphore | None = None
-        self._duration = metrics.BACKEND_DURATION.labels(inner.name)
+        self._duration = metrics.BACKEND_DURATION.labels(inner.name).observe
 
     @property
     def kind(self) -> str:
@@ -240,7 +240,7 @@ class ResilientBackend(Backend):
                     raise
                 finally:
                     self._slots.release()
-                    self._duration.observe(time.perf_counter() - started)
+                    metrics.record(self._duration, time.perf_counter() - started)
             finally:
                 verdict()
             retries += 1

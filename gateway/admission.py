@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 TRIM_AFTER_BYTES = 64 << 20
 """Once this many request bytes have come and gone and none is in flight, heap memory is handed back."""
 
+_GAUGE_UP, _GAUGE_DOWN = metrics.INFLIGHT_REQUEST_BYTES.inc, metrics.INFLIGHT_REQUEST_BYTES.dec
+"""The in-flight bytes gauge moves by each reservation (deferred: ``metrics.record``)."""
+
 OVER_BUDGET_MESSAGE = "the gateway holds too many request bytes in flight; retry shortly or send smaller requests"
 
 
@@ -46,11 +49,11 @@ class MemoryBudget:
             metrics.MEMORY_REFUSALS.inc()
             raise ResourceExhausted(OVER_BUDGET_MESSAGE)
         self.in_use += nbytes
-        metrics.INFLIGHT_REQUEST_BYTES.set(self.in_use)
+        metrics.record(_GAUGE_UP, nbytes)
 
     def release(self, nbytes: int) -> None:
         self.in_use -= nbytes
-        metrics.INFLIGHT_REQUEST_BYTES.set(self.in_use)
+        metrics.record(_GAUGE_DOWN, nbytes)
         self._released_since_trim += nbytes
         if self.in_use == 0 and self._released_since_trim >= TRIM_AFTER_BYTES:
             # Large requests leave freed memory in malloc's arenas (grpc's threads each have one);

@@ -129,7 +129,7 @@ class FeatureStore:
         self._mget_templates = {
             name: MgetTemplate(*self._key_parts[name]) for name, view in self._views.items() if view.encoding == "float32"
         }
-        self._fetch_duration = {name: metrics.FEATURE_FETCH_DURATION.labels(name) for name in self._views}
+        self._fetch_duration = {name: metrics.FEATURE_FETCH_DURATION.labels(name).observe for name in self._views}
 
     async def start(self) -> None:
         self._redis = RedisPipe(self._url, connect_timeout_s=1.0)
@@ -178,7 +178,7 @@ class FeatureStore:
                 return np.zeros((count, view.dim), np.float32), count
             raise Unavailable(f"feature store unavailable for view {view_name!r}") from exc
         finally:
-            self._fetch_duration[view_name].observe(time.perf_counter() - started)
+            metrics.record(self._fetch_duration[view_name], time.perf_counter() - started)
         if view.encoding == "float32":
             try:
                 lengths = set(map(len, raw))  # TypeError on a missing row (None)

@@ -99,8 +99,9 @@ class Variant:
         self.breaker = breaker
         self.ready = True
         """The backend's last readiness answer for this model (kept by the server's poller)."""
-        self.served = metrics.REQUESTS.labels(model, name, "OK")
-        self.duration = metrics.REQUEST_DURATION.labels(model, name)
+        self.served = metrics.REQUESTS.labels(model, name, "OK").inc
+        self.duration = metrics.REQUEST_DURATION.labels(model, name).observe
+        """Bound updates of this variant's served counter and duration histogram (``metrics.record``)."""
         self.batches = isinstance(backend, Batcher)
         """Whether calls go through a batcher (which makes the backend span of the batch)."""
 
@@ -136,11 +137,13 @@ class ModelEndpoint:
     refusal: str = ""
     """Why the model cannot serve at all (every variant's file was refused at load); "" when it can."""
 
-    in_flight: Any = field(init=False, repr=False)
-    """This model's in-flight gauge, resolved once (``labels()`` costs more than ``inc()``)."""
+    in_flight_inc: Any = field(init=False, repr=False)
+    in_flight_dec: Any = field(init=False, repr=False)
+    """This model's in-flight gauge updates, bound once (``labels()`` costs more than ``inc()``)."""
 
     def __post_init__(self) -> None:
-        self.in_flight = metrics.IN_FLIGHT.labels(self.name)
+        gauge = metrics.IN_FLIGHT.labels(self.name)
+        self.in_flight_inc, self.in_flight_dec = gauge.inc, gauge.dec
 
     @property
     def max_batch_size(self) -> int:
@@ -254,8 +257,8 @@ class Pipeline:
         variant = endpoint.variants[chosen]
         code = "OK"
         result: InferResult | None = None
-        in_flight = endpoint.in_flight
-        in_flight.inc()
+        record = metrics.record
+        record(endpoint.in_flight_inc, 1)
         try:
             if endpoint.feature_store is not None:
                 features_ns = time.time_ns() if traced else 0
@@ -312,11 +315,11 @@ class Pipeline:
                     "infergate.route.reason": reason if variant.name == chosen else "fallback",
                 }
                 stage_span(tracer, ROUTE_SPAN, route_ns[0], route_ns[1], attributes)
-            in_flight.dec()
+            record(endpoint.in_flight_dec, 1)
             endpoint.stats.record(code == "OK", duration, rows)
             if code == "OK":
-                variant.served.inc()
-                variant.duration.observe(duration / 1e9)
+                record(variant.served, 1)
+                record(variant.duration, duration / 1e9)
             else:
                 metrics.REQUESTS.labels(endpoint.name, variant.name, code).inc()
             if self.observers:

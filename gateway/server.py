@@ -118,6 +118,8 @@ class Gateway:
         self._batchers: list[Batcher] = []
         self._pollers: list[ReadinessPoller] = []
         self._late_loads: set[asyncio.Task] = set()
+        self._metrics_flush: asyncio.Task | None = None
+        """A worker of several applies its deferred metric updates on a timer (``metrics.flush_periodically``)."""
         """Variants whose backend was unreachable at start, being loaded once it answers."""
         self._reference: dict[str, Variant] = {}
         """Per model, the variant whose signature the model serves (the others must be compatible)."""
@@ -145,6 +147,8 @@ class Gateway:
         """Open backends, load models, start serving. Raises StartupError with a clear message."""
         self._stopped = asyncio.Event()
         metrics.BUILD_INFO.labels(__version__).set(1)
+        if metrics.multiprocess_mode():
+            self._metrics_flush = asyncio.create_task(metrics.flush_periodically(), name="metrics-flush")
         self.tracing.start()
         if self.auth is not None:
             try:
@@ -454,6 +458,10 @@ class Gateway:
                 await backend.close()
             except Exception:
                 log.exception("closing backend %s failed", backend.name)
+        if self._metrics_flush is not None:  # flushes once more as it ends
+            self._metrics_flush.cancel()
+            await asyncio.gather(self._metrics_flush, return_exceptions=True)
+            self._metrics_flush = None
         if self._stopped is not None:
             self._stopped.set()
 

@@ -122,8 +122,8 @@ class Batcher(Backend):
         self._preferred = frozenset(size for size in config.preferred_batch_sizes if size <= max_rows)
         self._max_inflight = max_inflight
         self._depth_gauge = metrics.QUEUE_DEPTH.labels(model, variant)
-        self._batch_size = metrics.BATCH_SIZE.labels(model, variant)
-        self._queue_wait = metrics.QUEUE_WAIT.labels(model, variant)
+        self._batch_size = metrics.BATCH_SIZE.labels(model, variant).observe
+        self._queue_wait = metrics.QUEUE_WAIT.labels(model, variant).observe
         self._what = f"model {model} variant {variant}"
         self._tracer = tracer
         self._groups: dict[GroupKey, collections.deque[_Request]] = {}
@@ -373,12 +373,12 @@ class Batcher(Backend):
         try:
             now = self._clock()
             for request in batch:
-                self._queue_wait.observe(max(now - request.enqueued, 0.0))
+                metrics.record(self._queue_wait, max(now - request.enqueued, 0.0))
             live = [r for r in batch if not r.future.done()]
             if not live:
                 return
             rows = sum(r.rows for r in live)
-            self._batch_size.observe(rows)
+            metrics.record(self._batch_size, rows)
             traced = [r for r in live if r.span is not None] if self._tracer is not None else None
             try:
                 if traced:
@@ -441,8 +441,8 @@ class Batcher(Backend):
         own task, on the caller's own deadline (what a batch of one would be, without the hand-off)."""
         self._inflight += 1
         try:
-            self._queue_wait.observe(0.0)
-            self._batch_size.observe(rows)
+            metrics.record(self._queue_wait, 0.0)
+            metrics.record(self._batch_size, rows)
             span = trace.get_current_span() if self._tracer is not None else None
             try:
                 if span is not None and span.is_recording():

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from infergate.gateway import __version__
+from infergate.gateway import __version__, metrics
 from tests.conftest import running_gateway
 from tests.e2e.conftest import (
     CLIENT_TIMEOUT_S,
@@ -180,7 +180,13 @@ def test_several_workers_share_the_port_and_one_scrape_counts_them_all(gateway_p
     # label-less counters at 0, is not a worker's)...
     writers = {path.name for path in metrics_dir.glob("counter_*.db")} - {f"counter_{pid}.db"}
     assert len(writers) == 2, writers
-    # ...and one scrape adds them up, with the new series and without _created ones.
+    # ...and one scrape adds them up, with the new series and without _created ones. A worker
+    # writes its call-path updates to its files every FLUSH_EVERY_S (gateway/metrics.py): the
+    # scrape sees them within that.
+    wait_until(
+        lambda: requests_total(scrape(metrics_port), "linear", "v1", "OK") == calls,
+        5 * metrics.FLUSH_EVERY_S + 2.0, what="both workers' deferred updates in the scrape",
+    )
     samples = scrape(metrics_port)
     assert requests_total(samples, "linear", "v1", "OK") == calls
     assert requests_total(samples, "", "", "NOT_FOUND") == refused
