@@ -60,7 +60,7 @@ from redis.exceptions import RedisError
 from infergate.gateway import metrics
 from infergate.gateway.config import CanaryConfig
 from infergate.gateway.errors import Aborted, GatewayError
-from infergate.router.state import RouteStore, redis_errors
+from infergate.router.state import RouteStore, raise_if_cancel_requested, redis_errors
 from infergate.router.table import Route
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ class CanaryController:
     async def _run(self) -> None:
         while True:
             await self.tick()
+            raise_if_cancel_requested()  # stop()'s cancel can be lost in a Redis call of the tick
             await asyncio.sleep(self.tick_s)
 
     async def tick(self) -> None:

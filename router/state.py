@@ -165,6 +165,20 @@ def connect(url: str, socket_timeout_s: float) -> Redis:
     )
 
 
+def raise_if_cancel_requested() -> None:
+    """Raise ``CancelledError`` when the current task has been asked to cancel yet runs on.
+
+    A background loop that calls Redis calls this once a round, so that cancelling it always ends
+    it. The request can be lost on the way: on Python 3.11, ``asyncio.wait_for``, through which
+    redis-py writes every command, returns the write's result instead of raising when the cancel
+    comes after the write finished but before the caller resumed. The task then runs on, ``stop``
+    waits on it for ever, and only ``Task.cancelling()``, left above zero, still shows the request.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 @contextlib.contextmanager
 def redis_errors(what: str) -> Iterator[None]:
     """Translate Redis failures at this edge: unreachable -> Unavailable, anything else -> Internal."""
@@ -386,6 +400,7 @@ class RouteStore:
                     self._unreachable_since = self._wall_clock()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+            raise_if_cancel_requested()
             await asyncio.sleep(self._retry_interval_s)
 
     async def _follow(self, pubsub) -> None:
@@ -393,6 +408,7 @@ class RouteStore:
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self._resync_interval_s
         while True:
+            raise_if_cancel_requested()  # lost in the subscribe or a reconcile
             timeout = max(0.0, min(1.0, next_resync - loop.time()))
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
             if message is not None and message.get("type") == "message":

@@ -21,6 +21,7 @@ from infergate.router.canary import (
 from infergate.router.state import RouteStore
 from infergate.router.table import Route, RouteTable
 from tests.router.fakes import FakeClock
+from tests.support.cancellation import stops_that_hang
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")
 
@@ -277,3 +278,22 @@ async def test_a_finished_run_is_not_restarted_but_a_new_canary_block_is(redis_u
         status = await fresh.status()
         assert status is not None and (status.state, status.current_percent) == (PROGRESSING, 20)
         await fresh.stop()
+
+
+async def test_stop_returns_wherever_the_cancel_lands_in_a_tick(redis_url):
+    """Controllers ticking back to back, each stopped as the n-th task its ticks start finishes (n = 1..30:
+    the Redis writes, which redis-py makes through asyncio.wait_for, and the rest): every stop returns.
+
+    On Python 3.11 a cancel at that moment was lost inside wait_for; the tick task ran on and stop waited
+    for ever (BENCHMARKS.md, the fan-out run's stop_hung)."""
+    async with replica(redis_url, "r1") as store:
+        loops = []
+        for _ in range(30):
+            c = CanaryController("fraud", "v1", canary_config(), store, tick_s=0.001)
+            traffic(c, baseline_calls=5, candidate_calls=5)  # so that the first tick flushes too
+            before = asyncio.all_tasks()
+            await c.start()
+            (tick,) = asyncio.all_tasks() - before
+            loops.append((tick, c.stop))
+        hung = await stops_that_hang(loops)
+    assert not hung, f"{len(hung)} of {len(loops)} stops did not return within 5 s (n = {hung})"

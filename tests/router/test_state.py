@@ -15,6 +15,7 @@ from infergate.gateway.local_redis import LocalRedis
 from infergate.router.audit import audit_key
 from infergate.router.state import RouteStore, route_key
 from infergate.router.table import Route, RouteTable
+from tests.support.cancellation import stops_that_hang
 
 pytestmark = pytest.mark.usefixtures("no_task_leaks")
 
@@ -193,3 +194,19 @@ async def test_lost_redis_state_is_restored_by_the_periodic_resync(redis_url):
         finally:
             raw.close()
         assert table.get("fraud").revision == 2
+
+
+async def test_stop_returns_wherever_the_cancel_lands_in_a_resync(redis_url):
+    """Stores resynchronising back to back, each stopped as the n-th task its sync task starts finishes
+    (n = 1..20: the Redis writes of its reconciles, which redis-py makes through asyncio.wait_for, and the
+    rest): every stop returns. On Python 3.11 a cancel at that moment was lost and the sync task ran on."""
+    model_configs = models(v1=90, v2=10)
+    loops = []
+    for _ in range(20):
+        route_store = RouteStore(redis_url, model_configs, config_table(model_configs), resync_interval_s=0.001)
+        before = asyncio.all_tasks()
+        await route_store.start()
+        (sync,) = [task for task in asyncio.all_tasks() - before if task.get_name() == "infergate-route-sync"]
+        loops.append((sync, route_store.stop))
+    hung = await stops_that_hang(loops)
+    assert not hung, f"{len(hung)} of {len(loops)} stops did not return within 5 s (n = {hung})"
