@@ -115,7 +115,8 @@ class DrainingHealthServicer(health.aio.HealthServicer):
                     if remaining <= 0:
                         return  # its lifetime is over: the client watches again
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(condition.wait(), remaining)
+                        async with asyncio.timeout(remaining):  # not wait_for: on 3.11 it can lose a cancel
+                            await condition.wait()
         finally:
             self._budget.release(context.peer())
             self._watching[service] -= 1
@@ -148,7 +149,8 @@ async def _until(requests: AsyncIterator, ends_at: float) -> AsyncIterator:
         if remaining <= 0:
             return
         try:
-            request = await asyncio.wait_for(iterator.__anext__(), remaining)
+            async with asyncio.timeout(remaining):  # not wait_for: on 3.11 it can lose a cancel
+                request = await iterator.__anext__()
         except (StopAsyncIteration, TimeoutError):
             return
         yield request
