@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 from collections.abc import Callable
 
@@ -43,6 +44,8 @@ from prometheus_client import (
 )
 
 from infergate.gateway.config import split_host_port
+
+log = logging.getLogger(__name__)
 
 disable_created_metrics()
 
@@ -63,14 +66,18 @@ def record(update: Callable[[float], None], value: float) -> None:
 
 
 def flush() -> None:
-    """Apply every queued update (any thread; each is applied once)."""
+    """Apply every queued update (any thread; each is applied once). An update that raises is
+    logged and skipped: recording a metric must not fail the call that queued it, nor a scrape."""
     take = _pending.popleft
     while True:
         try:
             update, value = take()
         except IndexError:
             return
-        update(value)
+        try:
+            update(value)
+        except Exception:
+            log.exception("metric update %r(%r) failed; skipped", update, value)
 
 
 class _FlushFirst:

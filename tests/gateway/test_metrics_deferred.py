@@ -89,3 +89,15 @@ async def test_a_worker_of_several_applies_its_updates_on_a_timer_and_once_more_
     flusher.cancel()
     await asyncio.gather(flusher, return_exceptions=True)
     assert child._value.get() == before + 2
+
+
+def test_an_update_that_raises_is_skipped_and_the_rest_still_apply(caplog):
+    """A bad update (a counter asked to go down) must fail neither the call that queues it nor a scrape."""
+    child = COUNTER.labels("bad")
+    metrics.flush()
+    before = child._value.get()
+    metrics.record(child.inc, 1)
+    metrics.record(child.inc, -1)  # prometheus-client refuses a negative counter increment
+    metrics.record(child.inc, 1)
+    assert _count("bad") == before + 2
+    assert "metric update" in caplog.text and "failed; skipped" in caplog.text
