@@ -123,7 +123,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self._in_flight:
             self._idle = asyncio.Event()
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can lose a cancel
+                    await self._idle.wait()
             except TimeoutError:
                 log.warning("%d inference call(s) still in progress after %.1fs of drain", self._in_flight, timeout_s)
                 drained = False

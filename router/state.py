@@ -235,8 +235,9 @@ class RouteStore:
         self._synced = asyncio.Event()
         self._task = asyncio.create_task(self._sync_forever(), name="infergate-route-sync")
         try:
-            await asyncio.wait_for(self._synced.wait(), first_sync_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(first_sync_timeout_s):  # not wait_for: see raise_if_cancel_requested
+                await self._synced.wait()
+        except TimeoutError:
             log.warning(
                 "route store at %s not reachable at start; serving the config's weights until it is", redact_url(self._url)
             )
