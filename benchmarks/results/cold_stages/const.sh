@@ -9,11 +9,8 @@
 set -eu
 ROOT=$(pwd)
 COMMIT=${1:-HEAD}
-WT=$(mktemp -d /tmp/infergate-const.XXXX)
-git worktree add -q --detach "$WT" "$COMMIT"
-trap 'git -C "$ROOT" worktree remove --force "$WT"' EXIT
-cp -a "$ROOT/.venv" "$WT/.venv"
-(cd "$WT" && git apply "$ROOT/benchmarks/results/cold_stages/const.patch" && .venv/bin/python -m pip install -q --no-deps -e . >/dev/null 2>&1)
+source "$ROOT/benchmarks/pinned/worktree.sh"
+patched_worktree "$COMMIT" "$ROOT/benchmarks/results/cold_stages/const.patch"; WT=$REPLY
 PY=$WT/.venv/bin/python; export PY
 source "$ROOT/benchmarks/pinned/setup.sh" >/dev/null
 for p in 18021 18022 18023; do sed "s/18013/$p/" plain-a.yaml > const-$p.yaml; done

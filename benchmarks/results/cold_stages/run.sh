@@ -7,16 +7,16 @@
 # handler and its ONNX run, and INFERGATE_NOMETRICS=1, which turns every prometheus-client update into
 # a no-op. Each mark costs about 1 µs (a clock_gettime system call): 13 marks add about 13 µs to the
 # stage total. The patch goes on a temporary worktree of COMMIT with a copy of the checkout's venv.
+# COMMIT defaults to 0efe0f3, where these figures were taken: the patch's metrics switch predates the
+# deferred metric updates (f71139c); for later commits, benchmarks/results/deferred_metrics/ has the
+# same marks without the switch.
 #
 #   benchmarks/results/cold_stages/run.sh [COMMIT]      (from the repository root; needs .venv)
 set -eu
 ROOT=$(pwd)
-COMMIT=${1:-HEAD}
-WT=$(mktemp -d /tmp/infergate-cold-stages.XXXX)
-git worktree add -q --detach "$WT" "$COMMIT"
-trap 'git -C "$ROOT" worktree remove --force "$WT"' EXIT
-cp -a "$ROOT/.venv" "$WT/.venv"
-(cd "$WT" && git apply "$ROOT/benchmarks/results/cold_stages/stages.patch" && .venv/bin/python -m pip install -q --no-deps -e . >/dev/null 2>&1)
+COMMIT=${1:-0efe0f3}
+source "$ROOT/benchmarks/pinned/worktree.sh"
+patched_worktree "$COMMIT" "$ROOT/benchmarks/results/cold_stages/stages.patch"; WT=$REPLY
 PY=$WT/.venv/bin/python; export PY
 source "$ROOT/benchmarks/pinned/setup.sh" >/dev/null
 for p in 18021 18022; do sed "s/18013/$p/" plain-a.yaml > stages-$p.yaml; done

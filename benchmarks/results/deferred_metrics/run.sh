@@ -9,14 +9,9 @@ set -eu
 ROOT=$(pwd)
 BEFORE=$1 AFTER=$2
 OUT=$ROOT/benchmarks/results/deferred_metrics
-B=$(mktemp -d /tmp/infergate-dm-before.XXXX) A=$(mktemp -d /tmp/infergate-dm-after.XXXX)
-git worktree add -q --detach "$B" "$BEFORE"
-git worktree add -q --detach "$A" "$AFTER"
-trap 'git -C "$ROOT" worktree remove --force "$B"; git -C "$ROOT" worktree remove --force "$A"' EXIT
-for wt in "$B" "$A"; do
-  cp -a "$ROOT/.venv" "$wt/.venv"
-  (cd "$wt" && git apply "$OUT/stages.patch" && .venv/bin/python -m pip install -q --no-deps -e . >/dev/null 2>&1)
-done
+source "$ROOT/benchmarks/pinned/worktree.sh"
+patched_worktree "$BEFORE" "$OUT/stages.patch"; B=$REPLY
+patched_worktree "$AFTER" "$OUT/stages.patch"; A=$REPLY
 PY=$A/.venv/bin/python; export PY
 source "$ROOT/benchmarks/pinned/setup.sh" >/dev/null
 sed "s/18013/18021/" plain-a.yaml > dm-plain-before.yaml; sed "s/18013/18022/" plain-a.yaml > dm-plain-after.yaml
