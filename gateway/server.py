@@ -118,9 +118,9 @@ class Gateway:
         self._batchers: list[Batcher] = []
         self._pollers: list[ReadinessPoller] = []
         self._late_loads: set[asyncio.Task] = set()
+        """Variants whose backend was unreachable at start, being loaded once it answers."""
         self._metrics_flush: asyncio.Task | None = None
         """A worker of several applies its deferred metric updates on a timer (``metrics.flush_periodically``)."""
-        """Variants whose backend was unreachable at start, being loaded once it answers."""
         self._reference: dict[str, Variant] = {}
         """Per model, the variant whose signature the model serves (the others must be compatible)."""
         self.routes = RouteTable()
